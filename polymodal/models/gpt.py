@@ -139,7 +139,11 @@ class GPT(nn.Module):
         self.ln_f = make_norm(c.norm, c.n_embd, c.norm_eps, c.norm_bias) if c.final_norm else nn.Identity()
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.reset_parameters()
-        if c.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """GPT-2 (and SmolLM2) share the input embedding with the output projection."""
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
     # -- initialisation -------------------------------------------------------------
