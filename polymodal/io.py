@@ -97,6 +97,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint folder should read like any other
     try:
         yield tmp
         for f in tmp.rglob("*"):  # flush file contents before the rename makes them visible
