@@ -13,11 +13,12 @@ imported lazily.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +32,13 @@ ADAPTERS: dict[str, str] = {
     "gpt2": "polymodal.interop.hf_gpt",
     "llama": "polymodal.interop.hf_gpt",
     "qwen2": "polymodal.interop.hf_gpt",
+    "vit": "polymodal.interop.hf_vision",
+    "clip": "polymodal.interop.hf_vision",
+    "bert": "polymodal.interop.hf_encoder",
+    "roberta": "polymodal.interop.hf_encoder",
+    "albert": "polymodal.interop.hf_encoder",
+    "t5": "polymodal.interop.hf_seq2seq",
+    "bart": "polymodal.interop.hf_seq2seq",
 }
 
 
@@ -45,7 +53,10 @@ class HFAdapter:
 def get_adapter(model_type: str) -> HFAdapter:
     if model_type not in ADAPTERS:
         raise CheckpointError(f"unknown architecture model_type={model_type!r}; supported: {sorted(ADAPTERS)}")
-    return importlib.import_module(ADAPTERS[model_type]).ADAPTER
+    module = importlib.import_module(ADAPTERS[model_type])
+    # A module serving several model types (hf_gpt: gpt2/llama/qwen2) keeps one adapter per type.
+    per_type = getattr(module, "ADAPTERS", None)
+    return per_type[model_type] if per_type and model_type in per_type else module.ADAPTER
 
 
 def is_hf_folder(folder: str | Path) -> bool:
@@ -68,32 +79,67 @@ def load_hf_folder(folder: str | Path, device: str | torch.device = "cpu", dtype
     if model_type is None:
         raise CheckpointError(f"{folder / 'config.json'}: no 'model_type'; cannot tell the architecture")
     adapter = get_adapter(model_type)
-    config = adapter.config_from_hf(hf_cfg)
+    try:
+        config = adapter.config_from_hf(hf_cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{folder / 'config.json'}: {what}") from None
     sd = load_sharded_safetensors(folder)
     ours = adapter.weight_map(config, set(sd)).to_ours(sd, source=str(folder))
-    model = (adapter.build or build_model)(config)
+    model = build_uninitialised(config, adapter.build or build_model)
     load_into(model, ours, source=str(folder))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
 
 
+_INIT_FNS = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "trunc_normal_")
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Makes ``torch.nn.init`` fills no-ops while a model about to be overwritten is built.
+
+    Random initialisation of a 135M-parameter model costs about a second, and building on
+    the meta device instead imports ``torch._dynamo`` (several seconds) through the meta
+    kernels of the init functions; allocating uninitialised memory costs neither."""
+    saved = {n: getattr(torch.nn.init, n) for n in _INIT_FNS}
+    try:
+        for n in _INIT_FNS:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def build_uninitialised(config: ConfigBase, build: Callable[[ConfigBase], nn.Module] | None = None) -> nn.Module:
+    """The model for ``config`` with uninitialised weights (to be filled by ``load_into``)."""
+    from ..models.registry import build_model
+
+    with skip_init():
+        return (build or build_model)(config)
+
+
 def export_hf(model: nn.Module, folder: str | Path, tokenizer=None, model_type: str | None = None) -> Path:
     """Writes an HF-format folder (config.json + model.safetensors [+ tokenizer]) atomically."""
     config = model.config
-    hf_cfg = None
-    for mt, module in ADAPTERS.items():
+    hf_cfg, reasons = None, []
+    for mt in ADAPTERS:
         if model_type is not None and mt != model_type:
             continue
-        adapter = importlib.import_module(module).ADAPTER
+        adapter = get_adapter(mt)
         try:
             hf_cfg = adapter.config_to_hf(config)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
+            reasons.append(f"{mt}: {e}")
             continue
         if hf_cfg.get("model_type") == mt or model_type is not None:
             break
         hf_cfg = None
     if hf_cfg is None:
-        raise CheckpointError(f"no Hugging Face export for {type(config).__name__} {getattr(config, 'name', '')!r}")
+        raise CheckpointError(f"no Hugging Face export for {type(config).__name__} {getattr(config, 'name', '')!r}"
+                              + (f" ({'; '.join(reasons)})" if reasons else ""))
     wm = adapter.weight_map(config, None)
     sd = wm.to_hf(model.state_dict())
     with atomic_dir(folder) as tmp:

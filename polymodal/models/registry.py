@@ -19,6 +19,10 @@ from ..io import CheckpointError, atomic_dir, load_safetensors, read_json, save_
 # family -> (module, Config class, Model class)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt": ("polymodal.models.gpt", "GPTConfig", "GPT"),
+    "vit": ("polymodal.models.vit", "ViTConfig", "ViT"),
+    "clip": ("polymodal.models.clip", "CLIPConfig", "CLIP"),
+    "encoder": ("polymodal.models.encoder", "EncoderConfig", "build_encoder"),
+    "seq2seq": ("polymodal.models.seq2seq", "Seq2SeqConfig", "Seq2Seq"),
 }
 
 

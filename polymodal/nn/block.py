@@ -52,7 +52,8 @@ class Block(nn.Module):
             self.cross_attn = Attention(dim, n_head, n_kv_head, head_dim, qkv_bias, out_bias, dropout,
                                         cross=True, kv_dim=cross_kv_dim, scale=attn_scale, layer_idx=layer_idx)
             self.norm_cross = make_norm(norm, dim, norm_eps, norm_bias)
-        self.mlp = make_mlp(mlp, dim, mlp_hidden, act, mlp_bias, dropout)
+        # The residual dropout below covers the MLP output; the MLP itself gets none (no double dropout).
+        self.mlp = make_mlp(mlp, dim, mlp_hidden, act, mlp_bias, 0.0)
         self.norm2 = make_norm(norm, dim, norm_eps, norm_bias)
         self.drop = nn.Dropout(dropout)
 
