@@ -71,7 +71,8 @@ def load_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise ImageLoadError(f"{path}: no such image file") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image file PIL can identify (unsupported format or corrupt header)") from None
+        raise ImageLoadError(f"{path}: not an image file PIL can identify "
+                             "(unsupported format or corrupt header)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated / corrupt data
         raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
@@ -232,7 +233,8 @@ class ImageProcessor:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return im
 
-    def train(self, images: Image.Image | Sequence[Image.Image | str | Path], generator: torch.Generator) -> torch.Tensor:
+    def train(self, images: Image.Image | Sequence[Image.Image | str | Path],
+              generator: torch.Generator) -> torch.Tensor:
         """Augmented batch (B, 3, S, S); the same generator state gives the same batch."""
         if isinstance(images, (Image.Image, str, Path)):
             images = [images]

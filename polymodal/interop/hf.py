@@ -34,6 +34,7 @@ ADAPTERS: dict[str, str] = {
     "qwen2": "polymodal.interop.hf_gpt",
     "vit": "polymodal.interop.hf_vision",
     "clip": "polymodal.interop.hf_vision",
+    "clip_vision_model": "polymodal.interop.hf_vision",
     "bert": "polymodal.interop.hf_encoder",
     "roberta": "polymodal.interop.hf_encoder",
     "albert": "polymodal.interop.hf_encoder",
@@ -131,7 +132,7 @@ def export_hf(model: nn.Module, folder: str | Path, tokenizer=None, model_type: 
         adapter = get_adapter(mt)
         try:
             hf_cfg = adapter.config_to_hf(config)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError, KeyError) as e:  # not this adapter's config class
             reasons.append(f"{mt}: {e}")
             continue
         if hf_cfg.get("model_type") == mt or model_type is not None:
