@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("polymodal.train.commands", "train"),
     "generate": ("polymodal.generate.commands", "generate_cmd"),
     "ngram": ("polymodal.models.ngram", "ngram_cmd"),
+    "convert": ("polymodal.interop.commands", "convert_cmd"),
+    "chat": ("polymodal.chat", "chat_cmd"),
+    "train-seq2seq": ("polymodal.seq2seq_commands", "train_seq2seq"),
+    "translate": ("polymodal.seq2seq_commands", "translate"),
+    "summarize": ("polymodal.seq2seq_commands", "summarize"),
 }
 
 

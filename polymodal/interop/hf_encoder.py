@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 from ..io import CheckpointError
 from ..models.encoder import EncoderConfig, build_encoder
+from ..models.heads import TaskConfig, build_task_model
 from .hf import HFAdapter
 from .weight_map import WeightMap, copy, fuse
 
@@ -45,6 +48,8 @@ def config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
     mt = hf.get("model_type")
     if mt not in ARCHITECTURES:
         raise CheckpointError(f"config.json: model_type {mt!r} is not an encoder ({sorted(ARCHITECTURES)})")
+    if _head_task(hf) is not None:  # *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering
+        return task_config_from_hf(hf)
     archs = hf.get("architectures") or [next(iter(ARCHITECTURES[mt]))]
     task = ARCHITECTURES[mt].get(archs[0])
     if task is None:
@@ -89,6 +94,8 @@ def config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
 
 
 def config_to_hf(c: EncoderConfig) -> dict[str, Any]:
+    if isinstance(c, TaskConfig):
+        return task_config_to_hf(c)
     if not isinstance(c, EncoderConfig):
         raise TypeError(f"not an encoder config: {type(c).__name__}")
     mt = c.variant
@@ -136,6 +143,8 @@ def _qkv(hf_layer: str, ours_attn: str, n: int):
 
 
 def weight_map(c: EncoderConfig, hf_keys: set[str] | None = None) -> WeightMap:
+    if isinstance(c, TaskConfig):
+        return task_weight_map(c, hf_keys)
     mt = c.variant
     if hf_keys is not None:  # a *For* class nests the model under its base_model_prefix
         prefix = f"{mt}." if any(k.startswith(f"{mt}.") for k in hf_keys) else ""
@@ -196,8 +205,82 @@ def weight_map(c: EncoderConfig, hf_keys: set[str] | None = None) -> WeightMap:
     return WeightMap(rules, n, ignore_hf=ignore_hf, ignore_ours=["mlm.decoder.weight"])
 
 
+# -- task heads: *ForSequenceClassification / *ForTokenClassification / *ForQuestionAnswering ------------
+# They load as a ``TaskConfig`` (polymodal.models.heads) whose backbone is the bare encoder; the HF head
+# tensors keep their names (classifier.*, classifier.dense/out_proj for RoBERTa, qa_outputs.*).
+_HEAD_SUFFIX = {"ForSequenceClassification": "seq_cls", "ForTokenClassification": "token_cls",
+                "ForQuestionAnswering": "qa"}
+_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "albert": "Albert"}
+
+
+def _head_task(hf: dict[str, Any]) -> str | None:
+    archs = hf.get("architectures") or [""]
+    prefix = _CLASS_PREFIX.get(hf.get("model_type"), "?")
+    return next((t for suf, t in _HEAD_SUFFIX.items() if archs[0] == prefix + suf), None)
+
+
+def task_config_from_hf(hf: dict[str, Any]) -> TaskConfig:
+    task, mt = _head_task(hf), hf["model_type"]
+    base = config_from_hf({**hf, "architectures": [f"{_CLASS_PREFIX[mt]}Model"]})
+    # HF builds the pooler only for BERT/ALBERT sequence classification (add_pooling_layer=False elsewhere).
+    base.pooler = task == "seq_cls" and mt != "roberta"
+    id2label = hf.get("id2label") or {}
+    names = tuple(id2label[k] for k in sorted(id2label, key=int))
+    n = len(names) or hf.get("num_labels") or 2
+    if all(v == f"LABEL_{i}" for i, v in enumerate(names)):  # HF's placeholder names carry nothing
+        names = ()
+    pt = hf.get("problem_type")
+    problem = {"regression": "regression", "multi_label_classification": "multi_label",
+               "single_label_classification": "classification"}.get(pt, "regression" if n == 1 else "classification")
+    drop = hf.get("classifier_dropout_prob" if mt == "albert" else "classifier_dropout")
+    head = ("roberta" if mt == "roberta" else "pooler") if task == "seq_cls" else "linear"
+    try:
+        return TaskConfig(name=base.name, task=task, backbone={**base.to_dict(), "task": "base"}, num_labels=n,
+                          problem=problem, head=head, labels=names, classifier_dropout=drop,
+                          pad_token_id=base.pad_token_id)
+    except ValueError as e:
+        raise CheckpointError(f"config.json: {e}") from None
+
+
+def task_config_to_hf(c: TaskConfig) -> dict[str, Any]:
+    base = c.backbone_config()
+    if not isinstance(base, EncoderConfig):
+        raise TypeError(f"not an encoder backbone: {type(base).__name__}")
+    hf = config_to_hf(dataclasses.replace(base, task="base", pooler=True))
+    mt = base.variant
+    suffix = {t: s for s, t in _HEAD_SUFFIX.items()}[c.task]
+    names = list(c.labels) or [f"LABEL_{i}" for i in range(c.num_labels)]
+    hf.update(architectures=[_CLASS_PREFIX[mt] + suffix], id2label={str(i): v for i, v in enumerate(names)},
+              label2id={v: i for i, v in enumerate(names)})
+    if c.task == "seq_cls":
+        hf["problem_type"] = {"classification": "single_label_classification", "regression": "regression",
+                              "multi_label": "multi_label_classification"}[c.problem]
+    if c.classifier_dropout is not None:
+        hf["classifier_dropout_prob" if mt == "albert" else "classifier_dropout"] = c.classifier_dropout
+    return hf
+
+
+def task_weight_map(c: TaskConfig, hf_keys: set[str] | None = None) -> WeightMap:
+    base_cfg = c.backbone_config()
+    mt = base_cfg.variant
+    # the *For* classes always nest the encoder under "<model_type>."
+    base = weight_map(base_cfg, hf_keys if hf_keys is not None else {f"{mt}.embeddings.word_embeddings.weight"})
+    rules = [dataclasses.replace(r, ours=tuple(f"backbone.{n}" for n in r.ours)) for r in base.rules]
+    if c.task == "qa":
+        rules += _linear("qa_outputs", "qa_outputs")
+    elif c.head == "roberta":
+        rules += [*_linear("classifier.dense", "classifier.dense"), *_linear("classifier.out_proj", "classifier.out_proj")]
+    else:
+        rules += _linear("classifier", "classifier")
+    return WeightMap(rules, 1, ignore_hf=base.ignore_hf, ignore_ours=[f"backbone.{g}" for g in base.ignore_ours])
+
+
+def _build(c) -> Any:
+    return build_task_model(c) if isinstance(c, TaskConfig) else build_encoder(c)
+
+
 ADAPTER = HFAdapter(config_from_hf=config_from_hf, config_to_hf=config_to_hf, weight_map=weight_map,
-                    build=build_encoder)
+                    build=_build)
 
 
 def load_sentence_encoder(folder, device="cpu", dtype=None):

@@ -116,7 +116,8 @@ def _short(names: list[str], n: int = 8) -> str:
     return s + (f" ... (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def load_into(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> None:
+def load_into(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "<state dict>",
+              assign: bool = False) -> None:
     """Strictly loads ``sd`` into ``model``; errors name the source and the tensor.
 
     Tied weights (one Parameter under two names) need only one of their names."""
@@ -132,7 +133,9 @@ def load_into(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: st
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
     full = {k: sd.get(k, sd.get(tied.get(k, ""))) for k in own}
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict(full, strict=True, assign=assign)
+    if assign and hasattr(model, "tie_weights"):  # assign replaces Parameters, which unties shared ones
+        model.tie_weights()
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:

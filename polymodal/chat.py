@@ -1,0 +1,134 @@
+"""``polymodal chat``: an interactive, streaming, multi-turn chat with a chat model.
+
+Each turn renders the whole conversation with the model's own chat template
+(``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``, the
+Jinja2 template shipped with the checkpoint, e.g. ChatML's
+``<|im_start|>role\\n...<|im_end|>`` for SmolLM2), generates the assistant's reply
+with the shared sampler (``polymodal.generate.stream``, penalties -> temperature
+-> top-k -> top-p) until the template's end-of-turn token, and prints it as it
+is produced. Lines are read from stdin, so a conversation can be piped in:
+
+    printf 'Hi!\\n/reset\\nWhat is 2+2?\\n' | polymodal chat --temperature 0
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+# End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3, Mistral).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn marker(s) plus EOS."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    ids = []
+    for marker in END_OF_TURN:
+        tid = tokenizer.token_to_id(marker) if hasattr(tokenizer, "token_to_id") else None
+        if tid is not None and (marker in template or not template):
+            ids.append(tid)
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in ids:
+        ids.append(tokenizer.eos_id)
+    return ids
+
+
+class ChatSession:
+    """A conversation with one model: ``reply(text)`` streams the assistant's answer."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, **gen: Any):
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; chat needs one")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
+                             "chat needs an instruction-tuned model")
+        self.model, self.tokenizer, self.system, self.gen = model, tokenizer, system, gen
+        self.stop_ids = end_of_turn_ids(tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self) -> list[int]:
+        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        # The rendered template already holds every special token (BOS included where the
+        # template writes it), so nothing more is added here.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def reply(self, user_text: str, out: TextIO | None = None) -> str:
+        from .generate import stream
+        from .tokenizers import StreamDecoder
+
+        self.messages.append({"role": "user", "content": user_text})
+        decoder = StreamDecoder(self.tokenizer)
+        pieces = []
+        for t in stream(self.model, [self.prompt_ids()], eos_token_id=self.stop_ids, tokenizer=self.tokenizer,
+                        truncate=True, **self.gen):
+            piece = decoder.push(t)
+            if piece:
+                pieces.append(piece)
+                if out is not None:
+                    out.write(piece)
+                    out.flush()
+        tail = decoder.flush() if hasattr(decoder, "flush") else ""
+        if tail:
+            pieces.append(tail)
+            if out is not None:
+                out.write(tail)
+        text = "".join(pieces)
+        self.messages.append({"role": "assistant", "content": text.strip()})
+        return text
+
+
+def chat_cmd(
+    model: str | None = None,
+    system: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    seed: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> list[dict[str, str]]:
+    """Chat with a model in the terminal (streaming, multi-turn; /reset clears, /exit or EOF quits).
+
+    Args:
+        model: checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct).
+        system: an optional system message.
+        temperature: sampling temperature; 0 = greedy.
+        top_p: nucleus sampling mass (1 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        max_new_tokens: the most tokens per reply.
+        seed: random seed for reproducible sampling.
+        device: cpu, cuda, ... or auto (cuda when available).
+        dtype: float32, bfloat16, float16 or auto (as stored).
+    """
+    from .interop import load
+
+    m, tok = load(model, device=device, dtype=dtype)
+    gen = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    session = ChatSession(m, tok, system=system, **gen)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("polymodal chat - /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history += session.messages
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        session.reply(text, out=sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return history + session.messages

@@ -1,0 +1,482 @@
+"""GGUF import: llama.cpp model files -> our ``GPT`` + ``Tokenizer``.
+
+A GGUF file (llama.cpp's ``ggml/docs/gguf.md``) is a header of typed key/value
+metadata (the config and the tokenizer) followed by tensors, each either plain
+(F32/F16/BF16) or block-quantised. We parse the container with the ``gguf``
+package (``gguf.GGUFReader``) and dequantise with our own vectorised numpy code,
+written from the block layouts of ggml (``ggml/src/ggml-common.h``,
+``ggml-quants.c: dequantize_row_*``):
+
+| type | block | bytes | layout                                         | x_i                        |
+|------|-------|-------|------------------------------------------------|----------------------------|
+| Q8_0 | 32    | 34    | d:f16, q[32]:i8                                | d q_i                      |
+| Q4_0 | 32    | 18    | d:f16, qs[16]: low nibbles = x0..15, high = x16..31 | d (q_i - 8)           |
+| Q4_1 | 32    | 20    | d:f16, m:f16, qs[16] (as Q4_0)                 | d q_i + m                  |
+| Q4_K | 256   | 144   | d:f16, dmin:f16, scales[12] (8 x 6-bit scale + 6-bit min), qs[128] | d sc_j q_i - dmin m_j |
+| Q6_K | 256   | 210   | ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16]:i8, d:f16 | d sc_j (q_i - 32) |
+
+In Q4_K each 64 outputs read 32 bytes of ``qs``: low nibbles are sub-block 2c,
+high nibbles sub-block 2c+1. In Q6_K each 128 outputs read 64 bytes of ``ql``
+and 32 of ``qh``; output o uses scale o // 16.
+
+Tensor names (llama architecture, ``gguf.constants.MODEL_TENSORS``) map to ours
+through the same declarative ``WeightMap`` as Hugging Face checkpoints.
+llama.cpp's converter (``convert_hf_to_gguf.py``, ``LlamaModel.permute``)
+reorders the rows of W_q and W_k of each head from the "rotate-half" RoPE
+layout of Hugging Face (feature i paired with i + d/2) to the interleaved layout
+of the original LLaMA code (feature 2i paired with 2i+1):
+``w.reshape(n_head, 2, d/2, in).swapaxes(1, 2)``. We undo it with the inverse
+``w.reshape(n_head, d/2, 2, in).swapaxes(1, 2)`` (the same as transformers'
+``LlamaTensorProcessor._reverse_permute_weights``), using the KV head count for W_k.
+
+The tokenizer is rebuilt from ``tokenizer.ggml.*`` metadata as a byte-level BPE
+(Radford et al. 2019) ``tokenizers.Tokenizer``, with the pre-tokenizer regex that
+llama.cpp uses for ``tokenizer.ggml.pre`` (``llama-vocab.cpp``).
+
+Dequantising costs seconds and opening the reader parses ~100k strings, so the
+first load writes a polymodal folder (float32 safetensors + config + tokenizer)
+to a cache keyed by the file's path, size and mtime; later loads read only that.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ..io import CheckpointError
+from ..models.gpt import GPTConfig
+from .weight_map import Rule, WeightMap, copy, custom, fuse
+
+CACHE_VERSION = "1"  # bump when the cached layout or the conversion changes
+
+# ---------------------------------------------------------------------------------- dequantisers
+# ggml type ids (ggml.h enum ggml_type); kept here so the library does not depend on gguf's enum values.
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K",
+              BF16: "BF16"}
+# type -> (elements per block, bytes per block)
+BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20),
+         Q4_K: (256, 144), Q6_K: (256, 210)}
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(N, 2) uint8 -> (N, 1) float32 from little-endian IEEE half."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(N, 16) packed bytes -> (N, 32): low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+
+
+def dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks[:, :2]) * np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float32)
+
+
+def dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks[:, :2]) * (_nibbles(blocks[:, 2:]) - 8.0)
+
+
+def dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    return _f16(blocks[:, :2]) * _nibbles(blocks[:, 4:]) + _f16(blocks[:, 2:4])
+
+
+def dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    s = blocks[:, 4:16]
+    # get_scale_min_k4: 8 six-bit scales and mins; the top 2 bits of sub-blocks 4..7 hide
+    # in the spare high bits of bytes 0..7.
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    qs = blocks[:, 16:144].reshape(n, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
+    out = (d * sc.astype(np.float32))[:, :, None] * q - (dmin * mn.astype(np.float32))[:, :, None]
+    return out.reshape(n, 256)
+
+
+def dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    ql = blocks[:, 0:128].reshape(n, 2, 64)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    scales = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
+    d = _f16(blocks[:, 208:210])
+    lo = np.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
+    hi = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3
+    q = (lo | (hi << 4)).reshape(n, 256).astype(np.float32) - 32.0
+    return (d * np.repeat(scales, 16, axis=1)) * q
+
+
+_DEQUANT = {Q8_0: dequant_q8_0, Q4_0: dequant_q4_0, Q4_1: dequant_q4_1, Q4_K: dequant_q4_k, Q6_K: dequant_q6_k}
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int, what: str = "tensor") -> np.ndarray:
+    """Raw little-endian bytes of one tensor -> flat float32 array of ``n_elements``."""
+    if ggml_type not in BLOCK:
+        raise CheckpointError(f"{what}: unsupported quantisation type {_type_name(ggml_type)}; "
+                              f"supported: {sorted(TYPE_NAMES.values())}")
+    per_block, nbytes = BLOCK[ggml_type]
+    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    if n_elements % per_block:
+        raise CheckpointError(f"{what}: {n_elements} elements is not a multiple of the {TYPE_NAMES[ggml_type]} "
+                              f"block size {per_block}")
+    want = n_elements // per_block * nbytes
+    if raw.size != want:
+        raise CheckpointError(f"{what}: {raw.size} bytes of {TYPE_NAMES[ggml_type]} data, expected {want} "
+                              "(truncated or corrupt file)")
+    if ggml_type == F32:
+        return raw.view(np.float32).copy()
+    if ggml_type == F16:
+        return raw.view(np.float16).astype(np.float32)
+    if ggml_type == BF16:  # bfloat16 is the top half of a float32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return _DEQUANT[ggml_type](raw.reshape(-1, nbytes)).reshape(-1)
+
+
+def _type_name(t: int) -> str:
+    try:
+        import gguf
+
+        return gguf.GGMLQuantizationType(t).name
+    except (ImportError, ValueError):
+        return f"ggml type {t}"
+
+
+# ------------------------------------------------------------------------------------ RoPE permute
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undoes llama.cpp's interleaved-RoPE row order for one of W_q / W_k (rows = n_head * d)."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute`` (rotate-half -> interleaved); the inverse of ``unpermute_rope``."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------- reading
+class GGUFFile:
+    """Metadata and lazily dequantised tensors of one GGUF file; every error names the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: file not found")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        import gguf
+
+        try:
+            self.reader = gguf.GGUFReader(str(self.path), "r")
+        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on a bad header
+            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} ends at byte {end} but the file has {size} "
+                                      "bytes (truncated file)")
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read metadata {key!r} ({e})") from None
+
+    def require(self, key: str) -> Any:
+        v = self.meta(key)
+        if v is None:
+            raise CheckpointError(f"{self.path}: metadata {key!r} is missing")
+        return v
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # ggml lists dims fastest-first (ne0 = columns); torch wants (rows, columns)
+        return tuple(int(x) for x in reversed(list(self.tensors[name].shape)))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        flat = dequantize(t.data, int(t.tensor_type), int(t.n_elements), what=f"{self.path}: tensor {name!r}")
+        return torch.from_numpy(flat.reshape(self.shape(name)))
+
+
+class _LazyTensors(Mapping):
+    """name -> dequantised tensor, computed on access (one tensor in memory at a time)."""
+
+    def __init__(self, f: GGUFFile):
+        self.f = f
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        return self.f.tensor(k)
+
+    def __contains__(self, k: object) -> bool:
+        return k in self.f.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.f.tensors)
+
+    def __len__(self) -> int:
+        return len(self.f.tensors)
+
+
+# --------------------------------------------------------------------------------- architectures
+# arch -> whether llama.cpp permuted W_q/W_k for interleaved RoPE (LlamaModel yes; Qwen2Model keeps
+# the NEOX/rotate-half layout and adds q/k/v biases).
+ARCHS = {"llama": {"permute_qk": True}, "qwen2": {"permute_qk": False}}
+
+
+def config_from_gguf(f: GGUFFile) -> GPTConfig:
+    arch = f.require("general.architecture")
+    if arch not in ARCHS:
+        raise CheckpointError(f"{f.path}: unknown architecture general.architecture={arch!r}; supported: {sorted(ARCHS)}")
+    m = lambda k, d=None: f.meta(f"{arch}.{k}", d)  # noqa: E731
+    r = lambda k: f.require(f"{arch}.{k}")  # noqa: E731
+    n_embd, n_head = int(r("embedding_length")), int(r("attention.head_count"))
+    n_kv = m("attention.head_count_kv", n_head)
+    if isinstance(n_kv, list):
+        raise CheckpointError(f"{f.path}: per-layer {arch}.attention.head_count_kv is not supported")
+    head_dim = int(m("attention.key_length", n_embd // n_head))
+    if int(m("attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(f"{f.path}: attention.value_length != key_length is not supported")
+    rope_dim = int(m("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise CheckpointError(f"{f.path}: partial RoPE ({arch}.rope.dimension_count={rope_dim}, head dim {head_dim}) "
+                              "is not supported")
+    scaling = m("rope.scaling.type")
+    if scaling not in (None, "none") and float(m("rope.scaling.factor", 1.0) or 1.0) != 1.0:
+        raise CheckpointError(f"{f.path}: RoPE scaling {scaling!r} is not supported")
+    if "token_embd.weight" not in f.tensors:
+        raise CheckpointError(f"{f.path}: tensor 'token_embd.weight' is missing")
+    tokens = f.reader.fields.get("tokenizer.ggml.tokens")
+    vocab = m("vocab_size") or (len(tokens.data) if tokens is not None else f.shape("token_embd.weight")[0])
+
+    def tok_id(key):
+        v = f.meta(f"tokenizer.ggml.{key}")
+        return int(v) if v is not None and 0 <= int(v) < int(vocab) else None
+
+    qwen = arch == "qwen2"
+    return GPTConfig(
+        name=str(f.meta("general.name") or f.path.stem),
+        vocab_size=int(vocab),
+        block_size=int(m("context_length", 2048)),
+        n_layer=int(r("block_count")),
+        n_head=n_head,
+        n_kv_head=int(n_kv),
+        n_embd=n_embd,
+        head_dim=None if head_dim * n_head == n_embd else head_dim,
+        intermediate_size=int(r("feed_forward_length")),
+        norm="rmsnorm",
+        # stored as float32 metadata: round-trip through str to recover the 1e-5 the config meant
+        norm_eps=float(str(np.float32(m("attention.layer_norm_rms_epsilon", 1e-5)))),
+        mlp="gated", activation="silu", position="rope",
+        rope_theta=float(m("rope.freq_base", 10000.0)),
+        prenorm=True,
+        tie_embeddings="output.weight" not in f.tensors,
+        qkv_bias=qwen, out_bias=False, mlp_bias=False,
+        scale_residual_init=False,
+        bos_token_id=tok_id("bos_token_id"), eos_token_id=tok_id("eos_token_id"), pad_token_id=tok_id("padding_token_id"),
+    )
+
+
+def gguf_weight_map(c: GPTConfig, arch: str = "llama") -> WeightMap:
+    q, kv, hid = c.n_head * c.hd, c.kv_heads * c.hd, c.hidden
+    if ARCHS[arch]["permute_qk"]:
+        nh, nkv = c.n_head, c.kv_heads
+        qkv = custom(["blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight"], ["blocks.{}.attn.qkv.weight"],
+                     lambda ts: [torch.cat([unpermute_rope(ts[0], nh), unpermute_rope(ts[1], nkv), ts[2]])],
+                     lambda ts: [permute_rope(a, n) if n else a
+                                 for a, n in zip(torch.split(ts[0], [q, kv, kv]), (nh, nkv, 0))])
+    else:
+        qkv = fuse(["blk.{}.attn_q.weight", "blk.{}.attn_k.weight", "blk.{}.attn_v.weight"], "blocks.{}.attn.qkv.weight",
+                   [q, kv, kv])
+    rules: list[Rule] = [
+        copy("token_embd.weight", "wte.weight"),
+        copy("output_norm.weight", "ln_f.weight"),
+        copy("blk.{}.attn_norm.weight", "blocks.{}.norm1.weight"),
+        copy("blk.{}.ffn_norm.weight", "blocks.{}.norm2.weight"),
+        qkv,
+        copy("blk.{}.attn_output.weight", "blocks.{}.attn.proj.weight"),
+        fuse(["blk.{}.ffn_gate.weight", "blk.{}.ffn_up.weight"], "blocks.{}.mlp.fc.weight", [hid, hid]),  # [gate; up]
+        copy("blk.{}.ffn_down.weight", "blocks.{}.mlp.proj.weight"),
+    ]
+    if c.qkv_bias:
+        rules.append(fuse(["blk.{}.attn_q.bias", "blk.{}.attn_k.bias", "blk.{}.attn_v.bias"], "blocks.{}.attn.qkv.bias",
+                          [q, kv, kv]))
+    ignore_ours = []
+    if c.tie_embeddings:
+        ignore_ours.append("lm_head.weight")
+    else:
+        rules.append(copy("output.weight", "lm_head.weight"))
+    # rope_freqs.weight only appears with RoPE scaling (refused above); nothing else is ignorable.
+    return WeightMap(rules, c.n_layer, ignore_hf=[], ignore_ours=ignore_ours)
+
+
+def _expected_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    d, q, kv, hid = c.n_embd, c.n_head * c.hd, c.kv_heads * c.hd, c.hidden
+    out = {"token_embd.weight": (c.vocab_size, d), "output_norm.weight": (d,), "output.weight": (c.vocab_size, d)}
+    for i in range(c.n_layer):
+        b = f"blk.{i}."
+        out.update({b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,), b + "attn_q.weight": (q, d),
+                    b + "attn_k.weight": (kv, d), b + "attn_v.weight": (kv, d), b + "attn_output.weight": (d, q),
+                    b + "ffn_gate.weight": (hid, d), b + "ffn_up.weight": (hid, d), b + "ffn_down.weight": (d, hid),
+                    b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+    return out
+
+
+def model_from_gguf(f: GGUFFile) -> torch.nn.Module:
+    from .hf import build_uninitialised
+    from .weight_map import load_into
+
+    config = config_from_gguf(f)
+    arch = f.meta("general.architecture")
+    for name, shape in _expected_shapes(config).items():
+        if name in f.tensors and f.shape(name) != shape:
+            raise CheckpointError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, the metadata implies {shape}")
+    ours = gguf_weight_map(config, arch).to_ours(_LazyTensors(f), source=str(f.path))
+    model = build_uninitialised(config)
+    load_into(model, ours, source=str(f.path), assign=True)  # all float32, freshly dequantised: adopt, don't copy
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+# tokenizer.ggml.pre -> the split regex llama.cpp applies before byte-level BPE (llama-vocab.cpp).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+               "falcon3": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+def _pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    if pre in _DIGITS_THEN_GPT2:  # each digit its own pre-token, then the GPT-2 regex (SmolLM2's tokenizer.json)
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in _PRE_SPLITS:
+        return pt.Sequence([pt.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre not in (None, "default", "gpt-2", "gpt2"):
+        warnings.warn(f"GGUF tokenizer.ggml.pre={pre!r} is not known; using the GPT-2 split regex", stacklevel=3)
+    return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def tokenizer_from_gguf(f: GGUFFile):
+    """Rebuilds the byte-level BPE tokenizer from ``tokenizer.ggml.*`` metadata (None if there is none)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+
+    kind = f.meta("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind != "gpt2":
+        warnings.warn(f"{f.path}: tokenizer.ggml.model={kind!r} (only byte-level BPE 'gpt2' is rebuilt); "
+                      "the model loads without a tokenizer", stacklevel=3)
+        return None
+    tokens = f.require("tokenizer.ggml.tokens")
+    merges = f.meta("tokenizer.ggml.merges") or []
+    types = f.meta("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise CheckpointError(f"{f.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+        pairs.append((a, b))
+    tok = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
+    tok.pre_tokenizer = _pre_tokenizer(f.meta("tokenizer.ggml.pre"))
+    tok.decoder = decoders.ByteLevel()
+    # token types (llama.cpp llama_token_type): 3 = control (special, kept whole and skipped on
+    # decode), 4 = user-defined (kept whole, decoded as text).
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    from ..tokenizers import Tokenizer
+
+    def tid(key):
+        v = f.meta(f"tokenizer.ggml.{key}")
+        return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+
+    return Tokenizer.from_tokenizers(tok, bos=tid("bos_token_id"), eos=tid("eos_token_id"), pad=tid("padding_token_id"),
+                                     unk=tid("unknown_token_id"), chat_template=f.meta("tokenizer.chat_template"),
+                                     add_bos=bool(f.meta("tokenizer.ggml.add_bos_token", False))
+                                     and tid("bos_token_id") is not None)
+
+
+# ----------------------------------------------------------------------------------------- cache
+def cache_root() -> Path:
+    return Path(os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal")
+
+
+def cache_dir_for(path: str | Path) -> Path:
+    """Cache folder of a GGUF file, keyed by its resolved path, size and mtime (no hashing of the
+    98 MB file, so a cached load never reads it)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    return cache_root() / f"{p.stem}-{key}"
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+              cache: bool = True) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a GGUF file; the first load writes the dequantised folder to the cache."""
+    from ..models.registry import save_model
+
+    path = Path(path)
+    folder = cache_dir_for(path) if cache and path.is_file() else None
+    if folder is not None and (folder / "model.safetensors").is_file():
+        try:
+            model = _load_cached_model(folder, device, dtype)
+            tok = None
+            if (folder / "tokenizer.json").is_file():
+                from ..tokenizers import Tokenizer
+
+                tok = Tokenizer.load(folder)
+            return model, tok
+        except CheckpointError as e:  # a damaged cache entry: rebuild it from the GGUF file
+            warnings.warn(f"ignoring damaged GGUF cache {folder}: {e}", stacklevel=2)
+    f = GGUFFile(path)
+    model = model_from_gguf(f)
+    tok = tokenizer_from_gguf(f)
+    if folder is not None:
+        try:
+            save_model(model, folder, tokenizer=tok)  # atomic: a crash leaves no half-written entry
+        except OSError as e:
+            warnings.warn(f"could not write the GGUF cache {folder}: {e}", stacklevel=2)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model, tok
+
+
+def _load_cached_model(folder: Path, device, dtype) -> torch.nn.Module:
+    """A cached polymodal folder -> model, without random init (see ``hf.skip_init``)."""
+    from ..io import load_safetensors, read_json
+    from ..models.registry import config_from_dict
+    from .hf import build_uninitialised
+    from .weight_map import load_into
+
+    config = config_from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+    model = build_uninitialised(config)
+    # assign=True adopts the freshly read tensors instead of copying 0.5 GB into the
+    # uninitialised parameters (that copy was half of the cached load time).
+    load_into(model, load_safetensors(folder / "model.safetensors"), str(folder / "model.safetensors"), assign=True)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
