@@ -215,6 +215,7 @@ class CLIPConfig(ConfigBase):
     projection_dim: int = 512
     logit_scale_init: float = 2.6592  # log(1 / 0.07)
     logit_scale_max: float = 4.6052  # log(100): CLIP clips the temperature during training
+    logit_bias_init: float | None = None  # set (SigLIP: -10) to learn the sigmoid loss's bias b
 
     def __post_init__(self):
         self.vision = _tower_config(self.vision, "vit")
@@ -261,6 +262,8 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(self.vision.output_dim, c.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text.output_dim, c.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(c.logit_scale_init)))
+        # SigLIP's learnable bias (polymodal.models.contrastive.siglip_loss); absent for InfoNCE
+        self.logit_bias = nn.Parameter(torch.tensor(float(c.logit_bias_init))) if c.logit_bias_init is not None else None
         nn.init.normal_(self.visual_projection.weight, std=self.vision.output_dim ** -0.5)
         nn.init.normal_(self.text_projection.weight, std=self.text.output_dim ** -0.5)
 
@@ -303,3 +306,11 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     logits = logits_per_image.float()
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+# ALIGN-style towers (a conv-net image tower, our Encoder as a mean-pooled text tower):
+# polymodal.models.contrastive, which does not import this module.
+from .contrastive import TOWER_CONFIGS as _CONTRASTIVE_CONFIGS, TOWERS as _CONTRASTIVE_TOWERS  # noqa: E402
+
+TOWER_CONFIGS.update(_CONTRASTIVE_CONFIGS)
+TOWERS.update(_CONTRASTIVE_TOWERS)

@@ -1,0 +1,1 @@
+"""Visualisations: retrieval grids (``retrieval_grid``), attention maps, curves."""
