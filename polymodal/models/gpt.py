@@ -209,8 +209,8 @@ class GPT(nn.Module):
                 # Left padding: a row's positions count its real tokens only, so a padded
                 # prompt gets the same positions (and logits) as the unpadded one.
                 am = attention_mask[:, -t:].long() if attention_mask is not None else x.new_ones(b, t, dtype=torch.long)
-                # reserve() already counted the new tokens; positions start after the old real ones
-                prev = cache.valid_counts()[:, None] - am.sum(-1, keepdim=True) if cache is not None else 0
+                # positions continue after the real tokens already cached (slots before ``start``)
+                prev = cache.key_valid[:, :start].sum(-1, keepdim=True) if cache is not None else 0
                 position_ids = (prev + am.cumsum(-1) - 1).clamp(min=0)
             else:
                 position_ids = torch.arange(start, start + t, device=x.device)[None].expand(b, t)
@@ -221,13 +221,13 @@ class GPT(nn.Module):
 
         # One mask per attention kind, shared by the layers of that kind. The SDPA causal
         # kernel is used when nothing but causality needs masking.
-        q_slots = torch.arange(start, start + t, device=x.device)
-        k_slots = torch.arange(0, start + t, device=x.device)
         masks: dict[str, tuple[torch.Tensor | None, bool]] = {}
         for kind in set(c.attention_pattern):
             if kind == "causal" and key_valid is None and (start == 0 or t == 1):
-                masks[kind] = (None, start == 0 and t > 1)
+                masks[kind] = (None, start == 0 and t > 1)  # a cached decode step needs no mask at all
             else:
+                q_slots = torch.arange(start, start + t, device=x.device)
+                k_slots = torch.arange(0, start + t, device=x.device)
                 masks[kind] = (build_mask(kind, q_slots, k_slots, key_valid, c.local_window), False)
         for i, blk in enumerate(self.blocks):
             mask, is_causal = masks[c.layer_kind(i)]
