@@ -141,8 +141,8 @@ def test_albert_unsupported_groups_error(tmp_path):
 
 
 def test_unknown_architecture_and_relative_positions_error(tmp_path):
-    transformers.BertForSequenceClassification(_hf_config("bert")).save_pretrained(tmp_path / "cls")
-    with pytest.raises(CheckpointError, match="BertForSequenceClassification"):
+    transformers.BertForMultipleChoice(_hf_config("bert")).save_pretrained(tmp_path / "cls")
+    with pytest.raises(CheckpointError, match="BertForMultipleChoice"):
         load_hf_folder(tmp_path / "cls")
     cfg = _hf_config("bert")
     cfg.position_embedding_type = "relative_key"

@@ -23,6 +23,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "clip": ("polymodal.models.clip", "CLIPConfig", "CLIP"),
     "encoder": ("polymodal.models.encoder", "EncoderConfig", "build_encoder"),
     "seq2seq": ("polymodal.models.seq2seq", "Seq2SeqConfig", "Seq2Seq"),
+    "task": ("polymodal.models.heads", "TaskConfig", "build_task_model"),
 }
 
 
