@@ -24,6 +24,9 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "encoder": ("polymodal.models.encoder", "EncoderConfig", "build_encoder"),
     "seq2seq": ("polymodal.models.seq2seq", "Seq2SeqConfig", "Seq2Seq"),
     "task": ("polymodal.models.heads", "TaskConfig", "build_task_model"),
+    "vlm": ("polymodal.models.vlm", "VLMConfig", "VLM"),
+    "visualbert": ("polymodal.models.fusion", "VisualBERTConfig", "VisualBERT"),
+    "vilbert": ("polymodal.models.fusion", "ViLBERTConfig", "ViLBERT"),
 }
 
 
