@@ -28,6 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-seq2seq": ("polymodal.seq2seq_commands", "train_seq2seq"),
     "translate": ("polymodal.seq2seq_commands", "translate"),
     "summarize": ("polymodal.seq2seq_commands", "summarize"),
+    "train-clip": ("polymodal.vision_commands", "train_clip"),
+    "zero-shot": ("polymodal.vision_commands", "zero_shot"),
+    "retrieve": ("polymodal.vision_commands", "retrieve"),
+    "eval-retrieval": ("polymodal.vision_commands", "eval_retrieval"),
+    "finetune": ("polymodal.train.finetune", "finetune"),
+    "eval": ("polymodal.train.finetune", "eval_cmd"),
+    "serve": ("polymodal.serve.commands", "serve_cmd"),
+    "fewshot": ("polymodal.eval.fewshot", "fewshot_cmd"),
 }
 
 
