@@ -246,7 +246,7 @@ def train_seq2seq(data: str, out: str = "runs/seq2seq", task: Literal["translate
 def _decode_texts(model_path: str, texts: list[str], *, num_beams: int, max_new_tokens: int, length_penalty: float,
                   no_repeat_ngram_size: int, batch_size: int, max_src_len: int) -> list[str]:
     from .interop import load
-    from .models.seq2seq import generate_seq2seq
+    from .generate import generate_seq2seq
 
     model, tok = load(model_path)
     if tok is None:

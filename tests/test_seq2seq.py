@@ -13,8 +13,9 @@ from torch import nn
 from polymodal.interop.hf import export_hf, load_hf_folder
 from polymodal.models.registry import load_model, save_model
 from polymodal.models.seq2seq import (
-    Seq2Seq, Seq2SeqConfig, _DecoderLM, generate_seq2seq, span_corrupt, span_restore, text_infill,
+    Seq2Seq, Seq2SeqConfig, span_corrupt, span_restore, text_infill,
 )
+from polymodal.generate.seq2seq import _DecoderLM, generate_seq2seq
 from polymodal.nn import RelativePositionBias, relative_position_bucket, set_attention_impl
 
 transformers = pytest.importorskip("transformers")

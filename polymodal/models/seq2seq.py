@@ -22,8 +22,8 @@ a fairseq legacy), then ``layernorm_embedding``; post-norm blocks; no final norm
 Decoding: the cross-attention K/V of the encoder memory do not change while the
 target grows, so :class:`Seq2SeqCache` computes them ONCE per sequence (at the first
 decode call) and every later step reuses them; only the decoder self-attention K/V
-grow by one token per step. ``generate_seq2seq`` drives the package's one sampler
-and beam search (``polymodal.generate``) with the encoder memory as ``model_kwargs``.
+grow by one token per step. ``polymodal.generate.generate_seq2seq`` drives the package's
+one sampler and beam search with the encoder memory as ``model_kwargs``.
 
 Pre-training objectives (data functions, pure Python on token ids):
 * :func:`span_corrupt`: T5 span corruption (Raffel et al. 2020, sec. 3.1.4);
@@ -326,7 +326,7 @@ class Seq2Seq(nn.Module):
         """Teacher-forced logits (B, T, vocab): encode the source, decode ``decoder_input_ids``
         (the targets shifted right, see :func:`shift_right`)."""
         if cache is not None:
-            raise ValueError("an encoder-decoder generates with generate_seq2seq(model, input_ids, attention_mask, "
+            raise ValueError("an encoder-decoder generates with polymodal.generate.generate_seq2seq(model, input_ids, attention_mask, "
                              "...) (or model.encode + model.decode with a cache), not generate(model, ...)")
         if decoder_input_ids is None:
             raise ValueError("Seq2Seq.forward needs decoder_input_ids (targets shifted right: shift_right(labels, ...))")
@@ -351,60 +351,6 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int = 0, ignore_ind
 
 
 # -- generation ------------------------------------------------------------------------------------
-
-class _DecoderLM(nn.Module):
-    """Presents the decoder as the causal LM that ``polymodal.generate`` drives: the encoder
-    memory arrives through ``model_kwargs`` (which generation expands to beams), the cross K/V
-    live in the cache after the first call."""
-
-    def __init__(self, model: Seq2Seq):
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> Seq2SeqCache:
-        return self.model.new_cache(batch_size, max_len)
-
-    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False, memory=None, memory_mask=None):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # Target prefixes are positions 0.. of the target; left padding would shift them.
-            raise ValueError("seq2seq decoder prompts must all have the same length")
-        return self.model.decode(input_ids, memory, memory_mask, cache, last_only)
-
-
-def generate_seq2seq(model: Seq2Seq, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                     max_new_tokens: int, decoder_input_ids: Sequence[Sequence[int]] | None = None,
-                     **kw) -> list[list[int]]:
-    """Encodes the source batch once and generates each target with ``polymodal.generate.generate``
-    (the package's one sampler: penalties, greedy/sampling, beam search with ``length_penalty`` and
-    ``no_repeat_ngram_size``). Targets start from ``decoder_start_token_id`` unless
-    ``decoder_input_ids`` (a forced prefix per row, all of one length) is given. Returns the new
-    target tokens per row, EOS excluded. Other keyword arguments are ``generate``'s."""
-    from ..generate import generate
-
-    c = model.config
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-        attention_mask = attention_mask[None] if attention_mask is not None else None
-    b = input_ids.shape[0]
-    prompts = [list(p) for p in decoder_input_ids] if decoder_input_ids is not None else [[c.decoder_start_token_id]] * b
-    if len(prompts) != b:
-        raise ValueError(f"{len(prompts)} decoder prompts for {b} source rows")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            memory = model.encode(input_ids, attention_mask)
-        mk: dict[str, Any] = {"memory": memory}
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mk["memory_mask"] = attention_mask
-        kw.setdefault("pad_token_id", c.pad_token_id if c.pad_token_id is not None else 0)
-        if kw.get("eos_token_id") is None and kw.get("tokenizer") is None:
-            kw["eos_token_id"] = c.eos_token_id if c.eos_token_id is not None else []
-        return generate(_DecoderLM(model), prompts, max_new_tokens=max_new_tokens, model_kwargs=mk, **kw)
-    finally:
-        model.train(was_training)
-
 
 # -- pre-training objectives ------------------------------------------------------------------------
 
