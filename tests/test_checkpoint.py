@@ -150,3 +150,15 @@ def test_crash_during_save_keeps_previous_checkpoint(saved_run, tmp_path, monkey
 def test_keeps_last_k(shards, tmp_path):
     train(nano_recipe(shards, max_steps=5, eval_interval=1, keep_checkpoints=2), tmp_path / "run")
     assert [p.name for p in C.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000005"]
+
+
+def test_polymodal_load_resolves_a_training_run(saved_run):
+    """`polymodal.load(run)` (and `generate --model run`) takes the newest checkpoint."""
+    import polymodal
+
+    newest = saved_run / "checkpoints" / (saved_run / "checkpoints" / "latest").read_text().strip()
+    ids = torch.arange(8)[None] % 60
+    want = polymodal.load(newest).model(ids)
+    for path in (saved_run, saved_run / "checkpoints", saved_run / "checkpoints" / "latest"):
+        got = polymodal.load(path).model(ids)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -107,17 +107,29 @@ def _magic(path: Path) -> bytes:
         return f.read(4)
 
 
+def resolve_training_run(path: Path) -> Path:
+    """A training run folder, its ``checkpoints/`` folder or the ``latest`` pointer file
+    all mean the newest checkpoint folder that the pointer names."""
+    for pointer in (path, path / "latest", path / "checkpoints" / "latest"):
+        if pointer.name == "latest" and pointer.is_file():
+            target = pointer.parent / pointer.read_text().strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{pointer}: names {target.name!r}, which is not a checkpoint folder")
+            return target
+    return path
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "cpu",
          dtype: str | torch.dtype | None = None) -> Loaded:
     """Loads a model and its tokenizer from any supported checkpoint.
 
     Args:
-        path: polymodal folder, Hugging Face folder, ``.gguf`` file, or None for the default
-            SmolLM2-135M-Instruct.
+        path: polymodal folder, Hugging Face folder, ``.gguf`` file, a training run (its newest
+            checkpoint), or None for the default SmolLM2-135M-Instruct.
         device: "cpu", "cuda", ... or "auto".
         dtype: None (keep the stored float32), a torch dtype, or "float32"/"bfloat16"/"float16"/"auto".
     """
-    path = default_model_path() if path is None else Path(path).expanduser()
+    path = default_model_path() if path is None else resolve_training_run(Path(path).expanduser())
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     kind = checkpoint_kind(path)
