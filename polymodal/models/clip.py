@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..nn.init import normal_init_
 
 from ..nn import Block, LearnedPositions, build_mask, make_norm
 from .config import ConfigBase
@@ -97,13 +98,8 @@ class CLIPText(nn.Module):
             for i in range(c.n_layer)
         )
         self.ln_f = make_norm("layernorm", c.n_embd, c.norm_eps)
-        std = c.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=std)
+        normal_init_(self, c.init_std, embeddings=False)
+        nn.init.normal_(self.tok_embed.weight, std=c.init_std)
         nn.init.normal_(self.pos_embed.weight, std=0.01)  # CLIP's text position init
 
     @property

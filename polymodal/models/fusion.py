@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..nn.init import normal_init_
 
 from ..nn import Block, build_mask, make_norm
 from .config import ConfigBase
@@ -86,12 +87,7 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class _FusionBase(nn.Module):
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        normal_init_(self, self.config.init_std)
 
     def vqa_logits(self, *args, **kw) -> torch.Tensor:
         return self.vqa_head(self.pooled(*args, **kw))

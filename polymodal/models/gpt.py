@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.init import normal_init_
 from ..nn import Block, KVCache, LearnedPositions, RotaryEmbedding, SinusoidalPositions, build_mask, make_norm
 from .config import ConfigBase
 
@@ -149,13 +150,7 @@ class GPT(nn.Module):
     # -- initialisation -------------------------------------------------------------
     def reset_parameters(self) -> None:
         std = self.config.init_std
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
+        normal_init_(self, std)
         if self.config.scale_residual_init:
             # GPT-2 (sec. 2.3): scale the weights of residual-output layers by 1/sqrt(N),
             # N = 2 * n_layer residual additions, so the stream's variance does not grow with depth.

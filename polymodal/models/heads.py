@@ -39,6 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..nn.init import normal_init_
 
 from .config import ConfigBase
 
@@ -113,11 +114,7 @@ def _base(backbone: nn.Module) -> nn.Module:
 
 def _init(module: nn.Module, std: float) -> None:
     # HF _init_weights: N(0, initializer_range) weights, zero biases.
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    normal_init_(module, std, embeddings=False)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem: str) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..nn.init import normal_init_
 
 from ..nn import Block, KVCache, LearnedPositions, RelativePositionBias, build_mask, make_norm
 from .config import ConfigBase
@@ -200,14 +201,7 @@ class Seq2Seq(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
+        normal_init_(self, self.config.init_std)
         if self.config.rescale_output:
             # T5 multiplies the decoder output by d**-0.5 before the tied head, so its embedding
             # rows are O(1) (Mesh TF initialises them with std 1.0).
