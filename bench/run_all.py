@@ -15,9 +15,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # (script, full args, quick args)
 BENCHES = [
-    ("train_throughput.py", [], ["--steps", "3", "--warmup", "1"]),
-    ("decode.py", [], ["--quick"]),
-    ("smollm2_decode.py", ["--no-llamacpp"], ["--quick", "--no-llamacpp"]),
+    ("train_throughput.py", ["--dtypes", "fp32"], ["--steps", "3", "--warmup", "1", "--dtypes", "fp32"]),
+    ("decode.py", ["--dtypes", "fp32"], ["--quick"]),
+    # compile costs minutes per shape on CPU; run `smollm2_decode.py --compile both` by hand for those rows
+    ("smollm2_decode.py", ["--modes", "fp32,int8,int4", "--compile", "off", "--no-llamacpp"], ["--quick", "--no-llamacpp"]),
     ("load_time.py", [], ["--no-transformers"]),
     ("embeddings.py", [], ["--n", "128", "--repeats", "1", "--no-bf16", "--no-sequential"]),
     ("clip_vision.py", ["--dtypes", "fp32"], ["--batch", "4", "--repeats", "1", "--dtypes", "fp32"]),
