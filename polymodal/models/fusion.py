@@ -86,6 +86,19 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class _FusionBase(nn.Module):
+    def _check_inputs(self, input_ids: torch.Tensor, visual_feats: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, text length, visual tokens), after checking them against the config."""
+        c = self.config
+        b, t = input_ids.shape
+        n = visual_feats.shape[1]
+        if t > c.max_text_len:
+            raise ValueError(f"text of {t} tokens is longer than max_text_len={c.max_text_len}")
+        if n > c.max_visual:
+            raise ValueError(f"{n} visual tokens exceed max_visual={c.max_visual}")
+        if visual_feats.shape[-1] != c.visual_dim:
+            raise ValueError(f"visual features have {visual_feats.shape[-1]} dims, the model expects {c.visual_dim}")
+        return b, t, n
+
     def reset_parameters(self) -> None:
         normal_init_(self, self.config.init_std)
 
@@ -158,14 +171,7 @@ class VisualBERT(_FusionBase):
                       attention_mask: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T + N, D): text positions first ([CLS] at 0), then the visual tokens."""
         c = self.config
-        b, t = input_ids.shape
-        n = visual_feats.shape[1]
-        if t > c.max_text_len:
-            raise ValueError(f"text of {t} tokens is longer than max_text_len={c.max_text_len}")
-        if n > c.max_visual:
-            raise ValueError(f"{n} visual tokens exceed max_visual={c.max_visual}")
-        if visual_feats.shape[-1] != c.visual_dim:
-            raise ValueError(f"visual features have {visual_feats.shape[-1]} dims, the model expects {c.visual_dim}")
+        b, t, n = self._check_inputs(input_ids, visual_feats)
         dev = input_ids.device
         text = self.wte(input_ids) + self.wpe(torch.arange(t, device=dev)) + self.segment.weight[0]
         vis = self.visual_proj(visual_feats.to(text.dtype)) + self.visual_pos(torch.arange(n, device=dev)) \
@@ -247,14 +253,7 @@ class ViLBERT(_FusionBase):
                 visual_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states of the text stream (B, T, D_t) and the visual stream (B, 1 + N, D_v)."""
         c = self.config
-        b, t = input_ids.shape
-        n = visual_feats.shape[1]
-        if t > c.max_text_len:
-            raise ValueError(f"text of {t} tokens is longer than max_text_len={c.max_text_len}")
-        if n > c.max_visual:
-            raise ValueError(f"{n} visual tokens exceed max_visual={c.max_visual}")
-        if visual_feats.shape[-1] != c.visual_dim:
-            raise ValueError(f"visual features have {visual_feats.shape[-1]} dims, the model expects {c.visual_dim}")
+        b, t, n = self._check_inputs(input_ids, visual_feats)
         dev = input_ids.device
         tv = _key_valid(attention_mask, b, t, dev)
         vv = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=dev), _key_valid(visual_mask, b, n, dev)], 1)
