@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("polymodal.train.finetune", "finetune"),
     "eval": ("polymodal.train.finetune", "eval_cmd"),
     "serve": ("polymodal.serve.commands", "serve_cmd"),
+    "score-text": ("polymodal.eval.text_metrics", "score_text_cmd"),
     "fewshot": ("polymodal.eval.fewshot", "fewshot_cmd"),
 }
 
