@@ -48,12 +48,7 @@ def text_to_image_grid(queries: Sequence[str], images: Sequence, top_idx: Sequen
                 for s in ax.spines.values():
                     s.set_edgecolor("green" if correct[r][c] else "lightgray")
                     s.set_linewidth(3 if correct[r][c] else 1)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def image_to_text_grid(query_images: Sequence, texts: Sequence[str], top_idx: Sequence[Sequence[int]],
@@ -76,6 +71,13 @@ def image_to_text_grid(query_images: Sequence, texts: Sequence[str], top_idx: Se
             lines.append(f"#{c + 1} ({s:.3f}){mark} " + textwrap.shorten(texts[j], 70))
         axes[r][1].axis("off")
         axes[r][1].text(0.0, 0.5, "\n".join(lines), va="center", ha="left", fontsize=8, family="monospace")
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Writes the figure as a PNG (creating the folder) and frees it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
