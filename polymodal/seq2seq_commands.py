@@ -162,7 +162,7 @@ def train_seq2seq(data: str, out: str = "runs/seq2seq", task: Literal["translate
         max_src_len: source tokens kept (EOS included).
         max_tgt_len: target tokens kept (EOS included).
         batch_size: sentence pairs per step.
-        steps: optimizer steps (the cosine schedule decays to 0.1 * lr at this step).
+        steps: optimizer steps (the cosine decays to 0.1 * lr at this step, or when --minutes runs out if sooner).
         lr: peak learning rate.
         warmup: linear warmup steps.
         weight_decay: AdamW weight decay (weight matrices only).
@@ -216,8 +216,14 @@ def train_seq2seq(data: str, out: str = "runs/seq2seq", task: Literal["translate
     model.train()
     step, ema = 0, None
     while step < steps:
+        # the cosine ends at whichever comes first, --steps or --minutes: a run cut short by its
+        # time budget still anneals instead of stopping at a high learning rate
+        sched_step = step
+        if step >= warmup and minutes:
+            frac = (time.time() - t0) / (60 * minutes)
+            sched_step = max(step, warmup + int(frac * (steps - warmup)))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=lr, warmup=warmup, decay_steps=steps, min_lr=0.1 * lr)
+            group["lr"] = lr_at(sched_step, lr=lr, warmup=warmup, decay_steps=steps, min_lr=0.1 * lr)
         s, m, y = next(batches)
         loss = model.loss(s, m, y)
         opt.zero_grad(set_to_none=True)

@@ -22,7 +22,10 @@ token: the mean of the projected region features (the paper's "mean-pooled" imag
 
 Visual input: the papers use Faster R-CNN region features; any (B, N, D_v) features work
 here, e.g. ``image_patches`` (raw pixel patches, for small synthetic sets like easy-VQA) or a
-ViT's patch hidden states.
+ViT's patch hidden states. With ``image_size > 0`` in the config the model also owns its pixel
+front end (``image_features``): flattened P x P patches (``image_stem="patches"``, D_v = 3P^2)
+or a small ResNet stem of log2(P) stride-2 stages (``image_stem="conv"``, D_v = its last width),
+so a checkpoint trained from pixels carries its preprocessing and its answer list (``answers``).
 
 Heads (both models):
 * VQA as classification over an answer vocabulary (Antol et al., 2015; Teney et al., 2018):
@@ -36,6 +39,7 @@ product h_CLS * h_IMG of the two streams' pooled outputs (paper sec. 3.2, VQA / 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -85,7 +89,66 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
 
 
+@dataclasses.dataclass
+class _PixelInputConfig(ConfigBase):
+    """Fields both fusion configs share: the optional pixel front end, its preprocessing
+    (read by ``polymodal.data.images.ImageProcessor.from_config``) and the answer names."""
+
+    answers: tuple[str, ...] = ()  # VQA class index -> normalised answer string
+    image_size: int = 0  # > 0: square pixel input the model embeds itself (image_features)
+    image_stem: str = "patches"  # patches (flattened P x P pixels) | conv (stride-P ResNet stem)
+    patch_size: int = 4  # P: pixels per visual token side
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resize_mode: str = "square"  # keep the whole scene: a question may be about any corner
+    resample: str = "bicubic"
+
+
+def conv_stem_widths(visual_dim: int, patch_size: int) -> tuple[int, ...]:
+    """log2(P) stage widths ending at ``visual_dim``, halving backwards (never below 8)."""
+    n = int(math.log2(patch_size))
+    if patch_size < 2 or 2 ** n != patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
+    return tuple(max(8, visual_dim >> (n - 1 - i)) for i in range(n))
+
+
 class _FusionBase(nn.Module):
+    def _build_stem(self) -> None:
+        """The pixel front end of ``image_size > 0`` configs (None otherwise)."""
+        c = self.config
+        self.stem = None
+        if c.image_size <= 0:
+            return
+        if c.image_size % c.patch_size:
+            raise ValueError(f"image_size={c.image_size} is not a multiple of patch_size={c.patch_size}")
+        n = (c.image_size // c.patch_size) ** 2
+        if n > c.max_visual:
+            raise ValueError(f"{n} visual tokens ({c.image_size}/{c.patch_size} squared) exceed max_visual={c.max_visual}")
+        if c.image_stem == "patches":
+            if c.visual_dim != 3 * c.patch_size ** 2:
+                raise ValueError(f"image_stem='patches' gives 3*{c.patch_size}^2 = {3 * c.patch_size ** 2} features; "
+                                 f"set visual_dim to that (got {c.visual_dim})")
+        elif c.image_stem == "conv":
+            from .contrastive import _Stage
+
+            widths = conv_stem_widths(c.visual_dim, c.patch_size)
+            if widths[-1] != c.visual_dim or any(w % 8 for w in widths):
+                raise ValueError(f"conv stem widths {widths} must be multiples of 8 ending at visual_dim={c.visual_dim}")
+            chans = (3,) + widths
+            self.stem = nn.Sequential(*(_Stage(a, b, 8) for a, b in zip(chans[:-1], chans[1:])))
+        else:
+            raise ValueError(f"image_stem must be 'patches' or 'conv', got {c.image_stem!r}")
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> visual tokens (B, (S/P)^2, visual_dim), row-major grid."""
+        c = self.config
+        if c.image_size <= 0:
+            raise ValueError("this model has no pixel front end (image_size=0): pass visual features instead")
+        if self.stem is None:
+            return image_patches(pixel_values, c.patch_size)
+        x = self.stem(pixel_values.to(next(self.stem.parameters()).dtype))
+        return x.flatten(2).transpose(1, 2)
+
     def _check_inputs(self, input_ids: torch.Tensor, visual_feats: torch.Tensor) -> tuple[int, int, int]:
         """(batch, text length, visual tokens), after checking them against the config."""
         c = self.config
@@ -101,6 +164,10 @@ class _FusionBase(nn.Module):
 
     def reset_parameters(self) -> None:
         normal_init_(self, self.config.init_std)
+        if getattr(self, "stem", None) is not None:  # convolutions keep He init (a 0.02 std would vanish)
+            for m in self.stem.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def vqa_logits(self, *args, **kw) -> torch.Tensor:
         return self.vqa_head(self.pooled(*args, **kw))
@@ -122,7 +189,7 @@ class _FusionBase(nn.Module):
 
 # -- VisualBERT ---------------------------------------------------------------------------
 @dataclasses.dataclass
-class VisualBERTConfig(ConfigBase):
+class VisualBERTConfig(_PixelInputConfig):
     family: ClassVar[str] = "visualbert"
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -165,6 +232,7 @@ class VisualBERT(_FusionBase):
         self.pooler = nn.Linear(c.n_embd, c.n_embd)
         self.vqa_head = AnswerHead(c.n_embd, c.num_answers, c.norm_eps) if c.num_answers > 0 else None
         self.itm_head = nn.Linear(c.n_embd, 2)
+        self._build_stem()
         self.reset_parameters()
 
     def hidden_states(self, input_ids: torch.Tensor, visual_feats: torch.Tensor,
@@ -190,7 +258,7 @@ class VisualBERT(_FusionBase):
 
 # -- ViLBERT ------------------------------------------------------------------------------
 @dataclasses.dataclass
-class ViLBERTConfig(ConfigBase):
+class ViLBERTConfig(_PixelInputConfig):
     family: ClassVar[str] = "vilbert"
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -247,6 +315,7 @@ class ViLBERT(_FusionBase):
         self.vis_pool = nn.Linear(c.v_embd, c.bi_dim)
         self.vqa_head = AnswerHead(c.bi_dim, c.num_answers, c.norm_eps) if c.num_answers > 0 else None
         self.itm_head = nn.Linear(c.bi_dim, 2)
+        self._build_stem()
         self.reset_parameters()
 
     def streams(self, input_ids: torch.Tensor, visual_feats: torch.Tensor, attention_mask: torch.Tensor | None = None,
