@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -191,8 +192,14 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
                depth: int = 4, text_width: int = 128, text_depth: int = 2, projection_dim: int = 128,
                batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1, warmup: int = 50,
                max_steps: int = 2000, time_budget: float = 0.0, eval_every: int = 0, max_images: int = 0,
-               skip_bad_images: bool = False, seed: int = 0, threads: int = 0, progress: bool = True) -> dict:
+               skip_bad_images: bool = False, seed: int = 0, threads: int = 0, progress: bool = True,
+               distributed: Literal["none", "ddp"] = "ddp") -> dict:
     """Train a CLIP/ALIGN-style dual encoder on image-caption pairs (Flickr8k folder or COCO-captions JSON).
+
+    Multi-process: ``torchrun --nproc-per-node N -m polymodal.cli train-clip ...`` (gloo on CPU).
+    Every rank embeds batch_size / N pairs of the same global batch, the loss uses the negatives
+    of all ranks (``polymodal.models.contrastive.gather_features``) and DDP averages the gradients,
+    so N ranks take the same steps as one process with the whole batch.
 
     Args:
         data: a Flickr8k-format folder (captions.txt, images/, train.txt, val.txt) or a COCO-captions .json.
@@ -212,7 +219,9 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
         max_images: use only the first N training images (0 = all).
         skip_bad_images: warn and skip unreadable images instead of stopping.
         threads: torch CPU threads (0 = torch's default).
+        distributed: ddp joins the process group when launched by torchrun (no effect in a single process); none never does.
     """
+    import torch.distributed as dist
     from tqdm import tqdm
 
     from .data.captions import CaptionDataset, load_captions
@@ -220,9 +229,12 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
     from .eval.retrieval import format_metrics
     from .models.contrastive import contrastive_objective
     from .models.registry import save_model
+    from .train import distributed as D
 
     if threads:
         torch.set_num_threads(threads)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = D.setup(distributed, device="cpu")
     torch.manual_seed(seed)
     records = load_captions(data, "train", image_root)
     if max_images:
@@ -240,6 +252,9 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
     if len(train_set) < 2:
         raise ValueError("contrastive training needs at least 2 images")
     batch_size = min(batch_size, len(train_set))
+    if batch_size % info.world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the {info.world} processes")
+    local = batch_size // info.world  # this rank's slice of every global batch
 
     # A locked text tower is a fixed function: embed every caption once instead of every step.
     text_cache = None
@@ -265,17 +280,27 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
             return lr * (step + 1) / warmup
         frac = (step - warmup) / max(1, max_steps - warmup)
         if time_budget:  # whichever runs out first, steps or time, ends the cosine at 0
-            frac = max(frac, (time.perf_counter() - start) / (60 * time_budget))
+            frac = max(frac, now / (60 * time_budget))
         return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, frac)))
 
+    # Only the image order comes from this generator (identical on every rank); each image's crop and
+    # caption come from its own seed (seed, step, position in the global batch), so a batch looks
+    # the same however it is split over ranks.
     gen = torch.Generator().manual_seed(seed)
+    pair_encoder = D.wrap(_PairEncoder(model), info)  # DDP: gradients averaged over ranks in backward
     log: dict = {"losses": [], "evals": [], "config": model.config.to_dict()}
     start = time.perf_counter()
     step, order, pos = 0, torch.randperm(len(train_set), generator=gen).tolist(), 0
-    bar = tqdm(total=max_steps, disable=not progress, desc="train-clip", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, disable=not progress or not info.is_main, desc="train-clip", dynamic_ncols=True)
+
+    def elapsed() -> float:  # rank 0's clock, so every rank agrees on the learning rate and on stopping
+        t = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        if info.active:
+            dist.broadcast(t, src=0)
+        return float(t)
 
     def evaluate() -> dict | None:
-        if val_set is None:
+        if val_set is None or not info.is_main:
             return None
         model.eval()
         m = _retrieval_on(model, tok, val_set)
@@ -288,22 +313,26 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
 
     model.train()
     while step < max_steps:
-        if time_budget and time.perf_counter() - start > 60 * time_budget:
+        now = elapsed() if time_budget else 0.0
+        if time_budget and now > 60 * time_budget:
             break
         if pos + batch_size > len(order):  # epoch boundary: reshuffle, never repeat an image in a batch
             order, pos = torch.randperm(len(train_set), generator=gen).tolist(), 0
-        idx = order[pos:pos + batch_size]
+        first = pos + info.rank * local
+        idx = order[first:first + local]
         pos += batch_size
-        px, caps = train_set.batch(idx, gen)
+        pxs, caps = [], []
+        for j, i in enumerate(idx):
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, first + j]).generate_state(1)[0]))
+            px_j, cap_j = train_set.batch([i], g)
+            pxs.append(px_j)
+            caps += cap_j
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        img = model.encode_image(px)
-        if text_cache is not None:
-            txt = model.text_projection(torch.stack([text_cache[c] for c in caps]))
-        else:
-            ids, mask = tokenize(model, tok, caps)
-            txt = model.encode_text(ids, mask)
-        loss_v = contrastive_objective(model, img, txt, loss)
+        cached = torch.stack([text_cache[c] for c in caps]) if text_cache is not None else None
+        ids, mask = tokenize(model, tok, caps) if cached is None else (None, None)
+        img, txt = pair_encoder(torch.cat(pxs), ids, mask, cached)
+        loss_v = contrastive_objective(model, img, txt, loss)  # negatives gathered from every rank
         opt.zero_grad(set_to_none=True)
         loss_v.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -313,17 +342,38 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "out/clip", val
         log["losses"].append(round(loss_v.item(), 5))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_v.item():.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}")
-        if eval_every and step % eval_every == 0 and step < max_steps:
+        if eval_every and step % eval_every == 0 and step < max_steps and info.is_main:
             evaluate()
             save_model(model, out, tok)
     bar.close()
     log["steps"], log["seconds"] = step, round(time.perf_counter() - start, 2)
+    log["world_size"] = info.world
     final = evaluate()
     log["final"] = final
-    save_model(model, out, tok)
-    (Path(out) / "train_log.json").write_text(json.dumps(log, indent=1))
+    if info.is_main:
+        save_model(model, out, tok)
+        (Path(out) / "train_log.json").write_text(json.dumps(log, indent=1))
+    D.barrier(info)  # no rank returns before the checkpoint exists
+    if owns_group:
+        D.cleanup(info)
     return {"steps": step, "seconds": log["seconds"], "loss": log["losses"][-1] if log["losses"] else None,
             "first_loss": log["losses"][0] if log["losses"] else None, "val": final, "out": str(out)}
+
+
+class _PairEncoder(torch.nn.Module):
+    """The image and text embeddings of a batch in one ``forward``: DDP synchronises the
+    gradients of what runs through its wrapped module's forward. A locked text tower's
+    features come precomputed (``cached``), then only the text projection runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, input_ids, attention_mask, cached):
+        img = self.model.encode_image(pixel_values)
+        if cached is not None:
+            return img, self.model.text_projection(cached)
+        return img, self.model.encode_text(input_ids, attention_mask)
 
 
 def _retrieval_on(model, tokenizer, dataset) -> dict:

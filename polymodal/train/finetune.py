@@ -252,8 +252,19 @@ def finetune(task: str, model: str | None = None, data_dir: str | None = None, o
     steps_per_epoch = math.ceil(len(train_f) / batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
     n_warm = int(warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, n_warm) if s < n_warm else max(0.0, (total - s) / max(1, total - n_warm)))
+    clock = {"t0": time.time()}
+
+    def lr_factor(s: int) -> float:
+        # linear warm-up, then linear decay to 0 at whichever ends first: the step count or the time
+        # budget, so a run cut short by --max-minutes still finishes its schedule
+        if s < n_warm:
+            return (s + 1) / max(1, n_warm)
+        done = (s - n_warm) / max(1, total - n_warm)
+        if max_minutes:
+            done = max(done, (time.time() - clock["t0"]) / (60 * max_minutes))
+        return max(0.0, 1.0 - done)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     every = eval_every or steps_per_epoch
 
     out_dir = Path(out)
@@ -269,7 +280,7 @@ def finetune(task: str, model: str | None = None, data_dir: str | None = None, o
         print(f"[finetune] {spec.name}: {len(train_f)} train / {len(val_f)} val features, {total} steps; "
               f"baseline {key}={base.get(key, float('nan')):.4f}; step 0 val loss {metrics0['loss']:.4f} "
               f"{key} {metrics0.get(key, float('nan')):.4f}", flush=True)
-    t0 = time.time()
+    t0 = clock["t0"] = time.time()
     net.train()
     step, run_loss, run_n, stop = 0, 0.0, 0, False
     gen = torch.Generator().manual_seed(seed)
@@ -338,16 +349,20 @@ def eval_cmd(task: str, model: str, data_dir: str | None = None, split: str = "v
     """Evaluate a fine-tuned checkpoint on a task's split and write its predictions.
 
     Args:
-        task: task name (see polymodal.data.tasks.TASKS)
+        task: task name (see polymodal.data.tasks.TASKS), or retrieval (a dual encoder: R@1/5/10 both ways, mean rank) or image-classification (a train-vit checkpoint)
         model: a fine-tuned checkpoint (polymodal folder from 'polymodal finetune', or an HF *For* folder)
-        data_dir: folder with the task's files (default: $POLYMODAL_DATA/<task folder>)
+        data_dir: folder with the task's files (default: $POLYMODAL_DATA/<task folder>); retrieval: a Flickr8k folder or COCO-captions .json
         split: which split to evaluate (val, train, test)
         batch_size: examples per forward pass
         max_length: tokens per sequence (QA: per window)
         stride: QA only: tokens shared by consecutive windows
-        out: where to write predictions (.jsonl); default <model>/predictions_<split>.jsonl
+        out: where to write predictions (.jsonl); default <model>/predictions_<split>.jsonl (vision tasks: a metrics .json)
     """
     from ..interop import load
+    from ..vit_commands import VISION_TASKS, eval_vision
+
+    if task in VISION_TASKS:  # image-text retrieval / image classification (polymodal.vit_commands)
+        return eval_vision(task, model, data_dir, split, batch_size, out)
 
     spec = T.get_task(task)
     net, tok = load(model, device="cpu", dtype=torch.float32)
