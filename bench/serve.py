@@ -1,21 +1,33 @@
-"""Serving benchmark: throughput and latency of ``polymodal serve`` under concurrent streaming chat load.
+"""Serving benchmark: throughput and latency under concurrent streaming chat load, polymodal vs transformers.
 
-The server runs in its own process (``polymodal serve`` on a free loopback port); this
-process is the load generator: ``C`` concurrent clients each send streaming chat
-requests back to back, bounded by ``--requests`` per client AND ``--duration`` seconds
-per level. Reported per concurrency level:
+Each server runs in its own process on a free loopback port; this process is the load
+generator: ``C`` concurrent clients each send streaming chat requests back to back,
+bounded by ``--requests`` per client AND ``--duration`` seconds per level, and the whole
+run by ``--max-time`` seconds (levels that would start after it are skipped). Reported per
+concurrency level:
 
 * throughput: completion tokens of all finished requests / wall time of the level;
 * TTFT p50/p99: request sent -> first content chunk;
 * per-token latency p50/p99: time between consecutive content chunks (TPOT/ITL).
 
-``--reference`` runs the same load against a plain transformers server loop (one
-request at a time, ``model.generate`` + ``TextIteratorStreamer``, the usual
-"HF model behind FastAPI" set-up) on the same weights, and prints the ratios.
+Every request's prompt is unique (one of 8 questions plus a request number), so a server's
+prefix cache can reuse the chat template's system prompt, as with real traffic, but never a
+whole repeated prompt.
 
-    .venv/bin/python bench/serve.py --quick              # 1 and 8 clients, short bounds
-    .venv/bin/python bench/serve.py                      # 1, 8, 32 clients (a few minutes)
-    .venv/bin/python bench/serve.py --reference          # + transformers loop, ratios
+Backends (``--backend``, one or both; the same load, one server at a time):
+
+* ``polymodal``: ``polymodal serve`` (continuous batching over a slot KV cache);
+* ``transformers``: the plain server a user would write with transformers on the same
+  weights (``from_pretrained(folder, gguf_file=...)``: transformers' own GGUF loader, the same
+  dequantised Q4_1 tensors polymodal loads): FastAPI + one worker thread that takes whatever
+  requests are queued (up to ``--hf-batch``), left-pads them and runs ``model.generate`` on the
+  batch with a streamer that forwards each row's new text (static batching: a request that
+  arrives meanwhile waits for the whole batch to end). ``--hf-batch 1`` = one request at a time.
+
+With both, the ratios polymodal/transformers are printed per level (> 1 = polymodal better).
+
+    .venv/bin/python bench/serve.py --quick                                  # smoke: 1 and 8 clients, tiny bounds
+    .venv/bin/python bench/serve.py --backend polymodal transformers         # 1, 8, 32 clients, both servers
 
 Goals (2 CPU cores, SmolLM2-135M-Instruct): >= 400 tok/s aggregate at 32 clients,
 TTFT p99 <= 2 s at 8 clients. Numbers are noisy on a shared machine.
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -45,6 +58,8 @@ QUESTIONS = [
     "Explain what a neural network is to a child.",
     "Tell me about the history of the bicycle.",
 ]
+
+REQUEST_IDS = itertools.count()  # makes every prompt of the run unique
 
 
 def free_port() -> int:
@@ -79,33 +94,42 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, q: str, m
                     times.append(time.perf_counter())
     if not times:
         return {"error": "empty"}
-    return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens or len(times),
-            "end": time.perf_counter()}
+    return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens or len(times)}
 
 
-async def run_level(url: str, model: str, clients: int, requests: int, duration: float, max_tokens: int) -> dict:
+async def run_level(url: str, model: str, clients: int, requests: int, duration: float, max_tokens: int,
+                    grace: float = 120.0) -> dict:
+    """``clients`` loops of up to ``requests`` requests each; none starts after ``duration`` s, and
+    requests still running ``grace`` s after that are abandoned (counted as errors)."""
     results: list[dict] = []
     t_start = time.perf_counter()
     stop_at = t_start + duration
 
     async def client_loop(i: int):
-        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as c:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(duration + grace)) as c:
             for k in range(requests):
                 if time.perf_counter() > stop_at:
                     break
-                results.append(await one_request(c, url, model, QUESTIONS[(i + k) % len(QUESTIONS)], max_tokens))
+                q = f"{QUESTIONS[(i + k) % len(QUESTIONS)]} (request {next(REQUEST_IDS)})"
+                try:
+                    results.append(await one_request(c, url, model, q, max_tokens))
+                except httpx.HTTPError as e:
+                    results.append({"error": type(e).__name__})
 
-    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    tasks = [asyncio.ensure_future(client_loop(i)) for i in range(clients)]
+    _, pending = await asyncio.wait(tasks, timeout=duration + grace)
+    for t in pending:
+        t.cancel()
     wall = time.perf_counter() - t_start
     ok = [r for r in results if "error" not in r]
     itl = [x for r in ok for x in r["itl"]]
     toks = sum(r["tokens"] for r in ok)
-    return {"clients": clients, "requests": len(ok), "errors": len(results) - len(ok), "tokens": toks,
-            "wall_s": wall, "tok_s": toks / wall, "ttft_p50": pct([r["ttft"] for r in ok], 50),
+    return {"clients": clients, "requests": len(ok), "errors": len(results) - len(ok) + len(pending),
+            "tokens": toks, "wall_s": wall, "tok_s": toks / wall, "ttft_p50": pct([r["ttft"] for r in ok], 50),
             "ttft_p99": pct([r["ttft"] for r in ok], 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
 
-def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+def wait_up(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -119,55 +143,140 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     raise RuntimeError("server did not come up")
 
 
-# -- the reference: a plain transformers server loop ---------------------------------------------
+# -- the transformers baseline: a plain server loop -----------------------------------------------
 
-REFERENCE_SERVER = r'''
-import asyncio, json, sys, threading, time, uuid
+TRANSFORMERS_SERVER = r'''
+"""A plain transformers chat server: FastAPI + one worker thread running model.generate on
+whatever requests are queued (static batching, left padding), streaming each row's text."""
+import asyncio, json, queue, sys, threading
+from pathlib import Path
 import torch, uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
-folder, port = sys.argv[1], int(sys.argv[2])
-tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-lock = threading.Lock()  # one generate() at a time: the plain loop
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+path, port, max_batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+kw = {"gguf_file": path.name} if path.is_file() else {}
+folder = path.parent if path.is_file() else path
+tok = AutoTokenizer.from_pretrained(folder, padding_side="left", **kw)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+name = path.stem
+pending = queue.Queue()
+
+
+class Job:
+    def __init__(self, ids, max_tokens, loop):
+        self.ids, self.max_tokens, self.loop = ids, max_tokens, loop
+        self.events = asyncio.Queue()
+        self.out, self.sent, self.done = [], "", False
+
+    def push(self, *ev):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ev)
+
+
+class RowStreamer(BaseStreamer):
+    """generate() calls put() with the prompt batch first, then each step's (B,) new tokens."""
+    def __init__(self, jobs):
+        self.jobs, self.prompt_seen = jobs, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for job, t in zip(self.jobs, value.reshape(-1).tolist()):
+            if job.done:
+                continue
+            if t == tok.eos_token_id:
+                finish(job)
+                continue
+            job.out.append(t)
+            text = tok.decode(job.out, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(job.sent):
+                job.push("token", text[len(job.sent):])
+                job.sent = text
+            if len(job.out) >= job.max_tokens:
+                finish(job)
+
+    def end(self):
+        for job in self.jobs:
+            if not job.done:
+                finish(job)
+
+
+def finish(job):
+    job.done = True
+    job.push("done", len(job.out))
+
+
+def worker():
+    torch.set_grad_enabled(False)
+    while True:
+        jobs = [pending.get()]
+        while len(jobs) < max_batch:  # whatever else is already waiting joins this batch
+            try:
+                jobs.append(pending.get_nowait())
+            except queue.Empty:
+                break
+        batch = tok.pad({"input_ids": [j.ids for j in jobs]}, return_tensors="pt")
+        streamer = RowStreamer(jobs)
+        try:
+            with torch.inference_mode():
+                model.generate(**batch, max_new_tokens=max(j.max_tokens for j in jobs), do_sample=False,
+                               streamer=streamer, pad_token_id=tok.pad_token_id)
+        except Exception as e:  # never leave a client waiting
+            print(f"generate failed: {e}", file=sys.stderr, flush=True)
+            streamer.end()
+
+
+threading.Thread(target=worker, daemon=True).start()
 app = FastAPI()
+
+
 @app.get("/health")
 def health():
     return {"status": "ok"}
+
+
+@app.get("/v1/models")
+def models():
+    return {"object": "list", "data": [{"id": name, "object": "model"}]}
+
+
 @app.post("/v1/chat/completions")
 async def chat(request: Request):
     body = await request.json()
-    ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    def work():
-        try:
-            with lock, torch.inference_mode():
-                out = model.generate(ids, max_new_tokens=body["max_tokens"], do_sample=False, streamer=streamer)
-            work.n = out.shape[1] - ids.shape[1]
-        except Exception:
-            streamer.end()  # never leave the client waiting
-            raise
-    threading.Thread(target=work, daemon=True).start()
+    ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    job = Job(list(ids), int(body.get("max_tokens") or 16), asyncio.get_running_loop())
+    pending.put(job)
+
+    def sse(obj):
+        return "data: " + json.dumps(obj) + "\n\n"
+
     async def events():
-        it = iter(streamer)
         while True:
-            piece = await asyncio.to_thread(next, it, None)
-            if piece is None:
-                break
-            if piece:
-                yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]}) + "\n\n"
-        yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": getattr(work, "n", 0)}}) + "\n\n"
-        yield "data: [DONE]\n\n"
+            ev = await job.events.get()
+            if ev[0] == "token":
+                yield sse({"choices": [{"index": 0, "delta": {"content": ev[1]}, "finish_reason": None}]})
+            else:
+                yield sse({"choices": [], "usage": {"prompt_tokens": len(job.ids), "completion_tokens": ev[1]}})
+                yield "data: [DONE]\n\n"
+                return
+
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 '''
 
 
-def start(cmd: list[str], port: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(cmd: list[str], port: int, log: Path, env: dict) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     try:
         wait_up(url, proc)
     except Exception:
@@ -177,10 +286,34 @@ def start(cmd: list[str], port: int, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def bench(url: str, model: str, levels: list[int], args) -> list[dict]:
+def server_command(backend: str, args, port: int, tmp: Path) -> list[str]:
+    if backend == "polymodal":
+        cmd = [sys.executable, "-m", "polymodal.cli", "serve", "--port", str(port), "--max-batch-size",
+               str(max(args.clients)), "--max-context", "1024", *args.serve_args.split()]
+        return cmd + (["--model", args.model] if args.model else [])
+    from polymodal.interop import checkpoint_kind, convert, default_model_path
+
+    path = Path(args.model) if args.model else default_model_path()
+    if checkpoint_kind(path) == "polymodal":  # transformers cannot read it: export the same weights
+        path = convert(path, tmp / "hf", to="hf")
+    (tmp / "transformers_server.py").write_text(TRANSFORMERS_SERVER)
+    return [sys.executable, str(tmp / "transformers_server.py"), str(path), str(port),
+            str(args.hf_batch or max(args.clients))]
+
+
+def bench(url: str, model: str, args, deadline: float) -> list[dict]:
+    # one unmeasured request first: the first forward of a fresh process pays one-off costs
+    warm = asyncio.run(run_level(url, model, 1, 1, 60.0, 8))
+    if warm["errors"]:
+        raise RuntimeError(f"the warm-up request failed: {warm}")
     rows = []
-    for c in levels:
-        r = asyncio.run(run_level(url, model, c, args.requests, args.duration, args.max_tokens))
+    for c in args.clients:
+        left = deadline - time.perf_counter()
+        if left < 5:
+            print(f"  {c:>3} clients: skipped (--max-time reached)", flush=True)
+            continue
+        r = asyncio.run(run_level(url, model, c, args.requests, min(args.duration, left), args.max_tokens,
+                                  grace=min(120.0, max(10.0, left))))
         rows.append(r)
         print(f"  {c:>3} clients: {r['tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f} s p99 {r['ttft_p99']:.3f} s  "
               f"per-token p50 {1000 * r['itl_p50']:.1f} ms p99 {1000 * r['itl_p99']:.1f} ms  "
@@ -189,61 +322,64 @@ def bench(url: str, model: str, levels: list[int], args) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path for polymodal serve (default SmolLM2-135M-Instruct)")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--backend", nargs="+", choices=["polymodal", "transformers"], default=["polymodal"],
+                    help="servers to measure, one after the other (both: ratios are printed)")
+    ap.add_argument("--model", default=None, help="model path (default SmolLM2-135M-Instruct's GGUF)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     ap.add_argument("--requests", type=int, default=4, help="requests per client per level (upper bound)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level after which clients stop")
+    ap.add_argument("--max-time", type=float, default=900.0,
+                    help="seconds for the whole run (levels after it are skipped; server start-up included)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
-    ap.add_argument("--serve-args", default="", help="extra flags for polymodal serve, e.g. '--dtype bfloat16'")
-    ap.add_argument("--reference", action="store_true", help="also run a plain transformers server loop")
-    ap.add_argument("--quick", action="store_true", help="1 and 8 clients, 2 requests each, 20 s per level")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each server (default: torch's)")
+    ap.add_argument("--serve-args", default="", help="extra flags for polymodal serve, e.g. '--quantize int4'")
+    ap.add_argument("--hf-batch", type=int, default=None,
+                    help="transformers server: most queued requests per generate() (default: most clients; 1 = "
+                         "one request at a time)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 and 8 clients, 1 request each, 16 tokens")
     ap.add_argument("--json", default=None, help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
-        args.clients, args.requests, args.duration = [1, 8], 2, 20.0
+        args.clients, args.requests, args.duration, args.max_tokens = [1, 8], 1, 20.0, 16
+    deadline = time.perf_counter() + args.max_time
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    port = free_port()
-    cmd = [sys.executable, "-m", "polymodal.cli", "serve", "--port", str(port), "--max-batch-size",
-           str(max(args.clients)), "--max-context", "1024", *args.serve_args.split()]
-    if args.model:
-        cmd += ["--model", args.model]
-    print("polymodal serve:", " ".join(cmd[3:]), flush=True)
-    proc, url = start(cmd, port, tmp / "polymodal.log")
-    try:
-        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        ours = bench(url, name, args.clients, args)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    out = {"polymodal": ours}
-    if args.reference:
-        from polymodal.interop import convert
-
-        folder = tmp / "hf"
-        convert(args.model, folder, to="hf")  # the same weights, as a Hugging Face folder
-        (tmp / "ref_server.py").write_text(REFERENCE_SERVER)
+    out: dict[str, list[dict]] = {}
+    for backend in dict.fromkeys(args.backend):
+        if deadline - time.perf_counter() < 30:
+            print(f"{backend}: skipped (--max-time reached)", flush=True)
+            continue
         port = free_port()
-        print("transformers server loop (one generate() at a time):", flush=True)
-        proc, url = start([sys.executable, str(tmp / "ref_server.py"), str(folder), str(port)], port,
-                          tmp / "reference.log")
+        cmd = server_command(backend, args, port, tmp)
+        print(f"{backend}: {' '.join(cmd[1:])}", flush=True)
+        proc, url = start(cmd, port, tmp / f"{backend}.log", env)
         try:
-            ref = bench(url, "ref", args.clients, args)
+            name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            out[backend] = bench(url, name, args, deadline)
         finally:
             proc.terminate()
-            proc.wait(30)
-        out["transformers"] = ref
-        for a, b in zip(ours, ref):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if "polymodal" in out and "transformers" in out:
+        print("polymodal / transformers (> 1 = polymodal better):")
+        ref = {r["clients"]: r for r in out["transformers"]}
+        for a in out["polymodal"]:
+            b = ref.get(a["clients"])
+            if b is None or not b["tok_s"]:
+                continue
             print(f"  {a['clients']:>3} clients: throughput x{a['tok_s'] / b['tok_s']:.2f}, "
-                  f"TTFT p99 x{b['ttft_p99'] / a['ttft_p99']:.2f} (polymodal vs transformers; > 1 = polymodal better)")
+                  f"TTFT p99 x{b['ttft_p99'] / a['ttft_p99']:.2f}, per-token p50 x{b['itl_p50'] / a['itl_p50']:.2f}",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

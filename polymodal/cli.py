@@ -32,8 +32,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zero-shot": ("polymodal.vision_commands", "zero_shot"),
     "retrieve": ("polymodal.vision_commands", "retrieve"),
     "eval-retrieval": ("polymodal.vision_commands", "eval_retrieval"),
+    "train-vit": ("polymodal.vit_commands", "train_vit"),
+    "linear-probe": ("polymodal.vit_commands", "linear_probe"),
+    "train-vqa": ("polymodal.vqa_commands", "train_vqa"),
+    "vqa": ("polymodal.vqa_commands", "vqa"),
+    "eval-vqa": ("polymodal.vqa_commands", "eval_vqa"),
     "finetune": ("polymodal.train.finetune", "finetune"),
     "eval": ("polymodal.train.finetune", "eval_cmd"),
+    "pretrain-mlm": ("polymodal.train.pretrain_mlm", "pretrain_mlm"),
     "serve": ("polymodal.serve.commands", "serve_cmd"),
     "score-text": ("polymodal.eval.text_metrics", "score_text_cmd"),
     "fewshot": ("polymodal.eval.fewshot", "fewshot_cmd"),
@@ -68,6 +74,17 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+class _ListFlag(argparse.Action):
+    """A list flag that takes several values and may be repeated: ``--x a b --x c`` -> [a, b, c].
+
+    The first use replaces the default (argparse's own "extend" would append to it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, items + list(values))
+
+
 def build_parser(name: str, fn: Callable) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"polymodal {name}", description=inspect.getdoc(fn),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +108,7 @@ def build_parser(name: str, fn: Callable) -> argparse.ArgumentParser:
             kw["type"] = type(get_args(tp)[0])
         elif get_origin(tp) in (list, tuple):
             kw["nargs"] = "+"
+            kw["action"] = _ListFlag
             inner = get_args(tp)[0] if get_args(tp) else str
             kw["type"] = inner
         elif tp in (int, float, str):

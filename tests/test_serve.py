@@ -114,9 +114,11 @@ def _ok(client):
 
 # -- the slot cache -------------------------------------------------------------------------------
 
-def test_slot_cache_rows_join_leave_match_alone():
+@pytest.mark.parametrize("compact_min", [32, 2])
+def test_slot_cache_rows_join_leave_match_alone(compact_min):
     """Rows prefilled alone and decoded together (joining, leaving, compaction and growth) give
-    the logits of each sequence decoded on its own, to fp64 rounding."""
+    the logits of each sequence decoded on its own, to fp64 rounding. ``compact_min`` 2: dead
+    columns are also dropped early, whenever they are a quarter of the width."""
     from polymodal.models.gpt import GPTConfig
 
     torch.manual_seed(0)
@@ -131,23 +133,26 @@ def test_slot_cache_rows_join_leave_match_alone():
         return out
 
     with torch.no_grad():
-        cache = SlotKVCache(2, 3, 2, 16, limit=40, dtype=torch.float64, initial=8)
+        cache = SlotKVCache(2, 3, 2, 16, limit=40, dtype=torch.float64, initial=8, compact_min=compact_min)
+        compactions = 0
         got = {0: [], 1: [], 2: []}
         order = []
         for step in range(14):
-            if step in (0, 2, 5):  # a row joins
-                i = (0, 2, 5).index(step)
+            if step in (0, 2, 3):  # a row joins
+                i = (0, 2, 3).index(step)
                 c = model.new_cache(1, max_len=len(seqs[i]))
                 got[i].append(model(torch.tensor([seqs[i]]), cache=c, last_only=True)[0, -1])
                 cache.add(c.k, c.v, len(seqs[i]))
                 order.append(i)
-            if step == 9:  # row 0 leaves; the last row moves into its place
-                r = order.index(0)
+            if step == 6:  # the longest row leaves (its slots were the oldest); the last row moves into its place
+                r = order.index(1)
                 moved = cache.remove(r)
                 if moved is not None:  # the last row now sits at r
                     order[r] = order[moved]
                 order.pop()
+            before = min(cache.starts)
             cache.ensure(1)
+            compactions += before > 0 and min(cache.starts) == 0
             feed = torch.tensor([[(len(got[i]) - 1) % 65] for i in order])
             logits = model(feed, cache=cache, last_only=True)[:, -1]
             for r, i in enumerate(order):
@@ -157,6 +162,7 @@ def test_slot_cache_rows_join_leave_match_alone():
             for a, b in zip(got[i], ref):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
         assert cache.max_len <= 40
+        assert compactions >= 1  # dead columns were dropped (early with compact_min 2, at capacity with 32)
 
 
 def test_stop_prefix_released_at_eos(server):
@@ -168,33 +174,123 @@ def test_stop_prefix_released_at_eos(server):
     sm = server.server.config.app.state.models["tiny"]
     sched, tok = sm.scheduler, sm.tokenizer
 
-    class Sink:  # stands in for the event loop and the request's asyncio.Queue
-        def __init__(self):
-            self.events = []
-
-        def call_soon_threadsafe(self, fn):
-            fn()
-
-        def put_nowait(self, e):
-            self.events.append(e)
-
     def run(text, stop, end_with_eos):
-        sink = Sink()
-        req = GenRequest(prompt=[0], max_tokens=100, params=SamplingParams(temperature=0), stop=stop,
-                         loop=sink, events=sink)
+        req = GenRequest(prompt=[0], max_tokens=100, params=SamplingParams(temperature=0), stop=stop)
         row = _Row(req, 0, tok, sched.eos)
         ids = tok.encode(text) + ([tok.eos_id] if end_with_eos else [])
+        events = []
         for t in ids:
             if row.finished is None:
-                sched._accept(row, t, torch.zeros(tok.vocab_size))
-        pieces = [e[2] for e in sink.events if e[0] == "token"]
-        return pieces, [e[2] for e in sink.events if e[0] == "done"]
+                events += sched._accept(row, t, torch.zeros(tok.vocab_size))
+        pieces = [e[2] for e in events if e[0] == "token"]
+        return pieces, [e[2] for e in events if e[0] == "done"]
 
     pieces, done = run("hello XY", ["XYZ"], True)
     assert "".join(pieces) == "hello XY" and done == ["stop"]
     assert "".join(pieces[:-1]) == "hello "  # "X", "XY" were held back until the end
     pieces, done = run("ab XYZ cd", ["XYZ"], False)
     assert "".join(pieces) == "ab " and done == ["stop"]
+    pieces, done = run("one two", ["ne", "o t"], False)  # the earliest of several stops, across pieces
+    assert "".join(pieces) == "o" and done == ["stop"]
+
+
+def test_prefix_cache_lookup_store_evict():
+    """The longest shared prefix wins, one token is always left to prefill, an entry that a new
+    prompt extends is replaced by it, and the least recently used entries leave past the budget."""
+    from polymodal.serve.cache import PrefixCache
+
+    def kv(n):
+        return [torch.full((1, 1, n, 2), float(n))], [torch.full((1, 1, n, 2), -float(n))]
+
+    pc = PrefixCache(budget=20, min_reuse=2)
+    pc.store([1, 2, 3, 4], *kv(4))
+    pc.store([1, 2, 9], *kv(3))
+    n, k, _ = pc.lookup([1, 2, 3, 7, 7])
+    assert n == 3 and float(k[0][0, 0, 0, 0]) == 4  # from [1, 2, 3, 4], not [1, 2, 9]
+    assert pc.lookup([1, 2, 3, 4])[0] == 3  # the last token is prefilled again for its logits
+    assert pc.lookup([5, 6, 7])[0] == 0 and pc.lookup([1, 8, 8])[0] == 0  # nothing / below min_reuse
+    pc.store([1, 2, 3, 4, 5, 6], *kv(6))  # extends [1, 2, 3, 4]: that entry goes
+    assert set(pc.entries) == {(1, 2, 9), (1, 2, 3, 4, 5, 6)} and pc.tokens == 9
+    pc.lookup([1, 2, 9, 9])  # [1, 2, 9] is now the most recently used
+    pc.store([7, 7, 7, 7, 7, 7, 7, 7], *kv(8))
+    pc.store([8] * 8, *kv(8))  # 25 tokens > 20: the least recently used entry leaves
+    assert set(pc.entries) == {(1, 2, 9), (7,) * 8, (8,) * 8} and pc.tokens == 19
+    pc.store([3] * 11, *kv(11))  # longer than half the budget: not kept
+    assert (3,) * 11 not in pc.entries
+
+
+def test_prefix_cache_reuse_keeps_greedy_text(server, client):
+    """A prompt that shares its beginning with an earlier one prefills only the rest, and its
+    greedy text is still polymodal.generate's on the whole prompt (no cache)."""
+    from polymodal.generate import generate
+
+    sm = server.server.config.app.state.models["tiny"]
+    metrics = server.server.config.app.state.metrics
+
+    def reused():
+        return metrics.counters.get("polymodal_prefix_cache_tokens_total", {}).get('{model="tiny"}', 0)
+
+    _chat(client, "a shared beginning, then one", max_tokens=4)
+    before = reused()
+    r = _chat(client, "a shared beginning, then two", max_tokens=10)
+    prompt = sm.tokenizer.encode(sm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a shared beginning, then two"}]))
+    assert reused() - before >= len(sm.tokenizer.encode("<user>a shared beginning, then "))
+    ref = generate(sm.model, [prompt], max_new_tokens=10, do_sample=False, eos_token_id=sm.tokenizer.eos_id)[0]
+    assert r.choices[0].message.content == sm.tokenizer.decode(ref)
+
+
+def test_grouped_prefill_with_prefix_hits_matches_alone(server):
+    """Requests admitted together share one padded prefill forward, with prefix-cache hits of
+    different lengths (a whole repeated prompt, a long and a short shared beginning, none):
+    each gets polymodal.generate's greedy text for its prompt alone."""
+    from polymodal.generate import generate
+    from polymodal.generate.sampler import SamplingParams
+    from polymodal.serve.metrics import Metrics
+    from polymodal.serve.scheduler import GenRequest, Scheduler
+
+    sm = server.server.config.app.state.models["tiny"]
+    tok = sm.tokenizer
+    metrics = Metrics()
+    sched = Scheduler(sm.model, tok, max_batch_size=8, context=CONTEXT, metrics=metrics, name="t")
+    sched.close()  # driven by hand below, one iteration at a time
+
+    class Sink:  # stands in for the event loop and the request's asyncio.Queue
+        def __init__(self):
+            self.events = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            fn(*args)
+
+        def put_nowait(self, e):
+            self.events.append(e)
+
+    def chat(text):
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+    def submit(prompt):
+        sink = Sink()
+        req = GenRequest(prompt=prompt, max_tokens=12, params=SamplingParams(temperature=0), loop=sink, events=sink)
+        sched.waiting.put(req)
+        return sink
+
+    def run():
+        while sched.rows or not sched.waiting.empty():
+            sched._iteration()
+
+    first = chat("the same start, alpha")
+    submit(first)
+    run()  # alone: fills the prefix cache
+    prompts = [first, chat("the same start, beta!"), chat("other"), tok.encode("no template here"), chat("q")]
+    sinks = [submit(p) for p in prompts]
+    run()
+    hist = metrics.hists["polymodal_prefill_batch_size"]['{model="t"}']
+    assert hist[2] == 2 and hist[1] == 1 + len(prompts)  # two forwards: 1 prompt, then all 5 together
+    assert metrics.counters["polymodal_prefix_cache_tokens_total"]['{model="t"}'] >= len(first) - 1 + 16
+    for p, sink in zip(prompts, sinks):
+        ref = generate(sm.model, [p], max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id)[0]
+        assert "".join(e[2] for e in sink.events if e[0] == "token") == tok.decode(ref)
+        assert [e for e in sink.events if e[0] == "done"][0][3] == len(ref)
 
 
 # -- the API with the official client -------------------------------------------------------------
@@ -517,6 +613,48 @@ def test_cli_registered():
     p = build_parser("serve", getattr(importlib.import_module(module), fn))
     a = p.parse_args(["--model", "a", "b", "--port", "9000"])
     assert a.model == ["a", "b"] and a.port == 9000 and a.host == "127.0.0.1"
+    assert p.parse_args(["--model", "a", "--model", "b", "c"]).model == ["a", "b", "c"]
+    assert p.parse_args([]).model is None
+
+
+def test_cli_list_flag_replaces_default():
+    """A list flag with a default: the first use replaces the default, repeats add to it."""
+    from polymodal.cli import build_parser
+
+    def cmd(k: list[int] = [0, 1, 4]):  # noqa: B006 - the default is only read
+        """Example.
+
+        Args:
+            k: shots
+        """
+
+    p = build_parser("x", cmd)
+    assert p.parse_args([]).k == [0, 1, 4]
+    assert p.parse_args(["--k", "2"]).k == [2]
+    assert p.parse_args(["--k", "2", "--k", "5", "6"]).k == [2, 5, 6]
+    assert p.parse_args([]).k == [0, 1, 4]  # the default list was not modified
+
+
+def test_serve_cli_two_models(tmp_path, monkeypatch):
+    """`polymodal serve --model A --model B` serves both: /v1/models lists them and each answers."""
+    import uvicorn
+
+    from polymodal import cli
+
+    folders = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        folders.append(_tiny_gpt_folder(tmp_path / name))
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    cli.run_command("serve", ["--model", f"first={folders[0]}", "--model", f"second={folders[1]}",
+                              "--max-context", str(CONTEXT), "--port", "8123"])
+    assert started["port"] == 8123 and started["host"] == "127.0.0.1"
+    with ServerThread(started["app"]) as srv:
+        assert [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]] == ["first", "second"]
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        for name in ("first", "second"):
+            assert _chat_model(c, name).choices[0].finish_reason in ("stop", "length")
 
 
 # -- real weights ----------------------------------------------------------------------------------

@@ -142,8 +142,12 @@ def _parse(schema: type[BaseModel], data: Any):
 
 def create_app(models: list[ServedModel], *, api_key: str | None = None, max_batch_size: int = 32,
                max_queue: int = 256, timeout: float = 600.0, max_body_bytes: int = 16 << 20,
-               max_image_bytes: int = 8 << 20, image_dir: str | None = None) -> FastAPI:
-    """A FastAPI app serving ``models``; generative ones get a ``Scheduler`` each (started here)."""
+               max_image_bytes: int = 8 << 20, image_dir: str | None = None,
+               prefix_cache_tokens: int = 2048) -> FastAPI:
+    """A FastAPI app serving ``models``; generative ones get a ``Scheduler`` each (started here).
+
+    ``prefix_cache_tokens``: prompt tokens whose K/V each scheduler keeps for reuse by later
+    prompts with the same beginning (``cache.PrefixCache``; 0 = off)."""
     metrics = Metrics()
     by_name: dict[str, ServedModel] = {}
     for sm in models:
@@ -152,7 +156,8 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, max_bat
         by_name[sm.name] = sm
         if sm.kind == "generate" and sm.scheduler is None:
             sm.scheduler = Scheduler(sm.model, sm.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                                     context=sm.context, metrics=metrics, name=sm.name)
+                                     context=sm.context, metrics=metrics, name=sm.name,
+                                     prefix_cache_tokens=prefix_cache_tokens)
 
     app = FastAPI(title="polymodal", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.metrics = by_name, metrics
@@ -369,25 +374,34 @@ def create_app(models: list[ServedModel], *, api_key: str | None = None, max_bat
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for i in range(req.n)])
                 while done < req.n:
-                    ev = await req.events.get()
-                    if ev[0] == "token":
-                        lp = None
-                        if ev[3] is not None:
-                            lp = chat_logprobs(sm, [(ev[3], ev[2])]) if chat else completion_logprobs(sm, [(ev[3], ev[2])])
-                        if not ev[2] and lp is None:
-                            continue
-                        c = {"index": ev[1], "logprobs": lp, "finish_reason": None}
-                        c.update({"delta": {"content": ev[2]}} if chat else {"text": ev[2]})
-                        yield chunk([c])
-                    elif ev[0] == "done":
-                        done += 1
-                        n_tok += ev[3]
-                        c = {"index": ev[1], "logprobs": None, "finish_reason": ev[2]}
-                        c.update({"delta": {}} if chat else {"text": ""})
-                        yield chunk([c])
-                    else:
-                        yield sse(ApiError(ev[1], ev[2], code="timeout" if ev[1] == 408 else None).body())
-                        return
+                    # Every event already queued goes out in one write (e.g. the last token and
+                    # the finish of a step arrive together).
+                    evs = [await req.events.get()]
+                    while not req.events.empty():
+                        evs.append(req.events.get_nowait())
+                    out = []
+                    for ev in evs:
+                        if ev[0] == "token":
+                            lp = None
+                            if ev[3] is not None:
+                                lp = (chat_logprobs if chat else completion_logprobs)(sm, [(ev[3], ev[2])])
+                            if not ev[2] and lp is None:
+                                continue
+                            c = {"index": ev[1], "logprobs": lp, "finish_reason": None}
+                            c.update({"delta": {"content": ev[2]}} if chat else {"text": ev[2]})
+                            out.append(chunk([c]))
+                        elif ev[0] == "done":
+                            done += 1
+                            n_tok += ev[3]
+                            c = {"index": ev[1], "logprobs": None, "finish_reason": ev[2]}
+                            c.update({"delta": {}} if chat else {"text": ""})
+                            out.append(chunk([c]))
+                        else:
+                            out.append(sse(ApiError(ev[1], ev[2], code="timeout" if ev[1] == 408 else None).body()))
+                            yield "".join(out)
+                            return
+                    if out:
+                        yield "".join(out)
                 record_latency(sm, req, n_tok)
                 if include_usage:
                     p = len(req.prompt)

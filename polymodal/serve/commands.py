@@ -12,11 +12,11 @@ def serve_cmd(model: list[str] | None = None, host: str = "127.0.0.1", port: int
               api_key: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
               timeout: float = 600.0, max_context: int = 2048, device: str = "cpu", dtype: str | None = None,
               image_dir: str | None = None, max_body_mb: float = 16.0, max_image_mb: float = 8.0,
-              quantize: Literal["none", "int8", "int4"] = "none") -> None:
+              quantize: Literal["none", "int8", "int4"] = "none", prefix_cache_tokens: int = 2048) -> None:
     """Serve models over an OpenAI-compatible HTTP API with a web playground at /.
 
     Args:
-        model: models to serve, each PATH or NAME=PATH (polymodal folder, Hugging Face folder or .gguf); several may follow one --model; none = SmolLM2-135M-Instruct
+        model: models to serve, each PATH or NAME=PATH (polymodal folder, Hugging Face folder or .gguf); repeat --model or list several after one; none = SmolLM2-135M-Instruct
         host: interface to bind (127.0.0.1 = this machine only)
         port: TCP port
         api_key: require 'Authorization: Bearer KEY' on /v1 routes (default: $POLYMODAL_API_KEY, else no key)
@@ -30,6 +30,7 @@ def serve_cmd(model: list[str] | None = None, host: str = "127.0.0.1", port: int
         max_body_mb: largest request body accepted (HTTP 413 above)
         max_image_mb: largest decoded image accepted (HTTP 413 above)
         quantize: weight-only quantisation of generative models (polymodal.inference.quantize)
+        prefix_cache_tokens: prompt tokens kept for reuse by prompts that start the same way, e.g. the chat template's system prompt (0 = off)
     """
     import uvicorn
 
@@ -44,7 +45,7 @@ def serve_cmd(model: list[str] | None = None, host: str = "127.0.0.1", port: int
         print(f"polymodal serve: {sm.name} ({sm.kind})", flush=True)
     app = create_app(served, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue, timeout=timeout,
                      max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                     image_dir=image_dir)
+                     image_dir=image_dir, prefix_cache_tokens=prefix_cache_tokens)
     print(f"polymodal serve: http://{host}:{port}/ (playground), http://{host}:{port}/v1 (API)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

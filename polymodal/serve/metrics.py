@@ -16,9 +16,11 @@ HELP = {
     "polymodal_requests_total": ("counter", "HTTP requests by endpoint and status code"),
     "polymodal_prompt_tokens_total": ("counter", "prompt tokens prefilled"),
     "polymodal_generation_tokens_total": ("counter", "tokens generated"),
+    "polymodal_prefix_cache_tokens_total": ("counter", "prompt tokens whose K/V came from the prefix cache"),
     "polymodal_queue_depth": ("gauge", "requests waiting for a batch row"),
     "polymodal_running_sequences": ("gauge", "sequences in the running batch"),
     "polymodal_batch_size": ("histogram", "rows per decode step"),
+    "polymodal_prefill_batch_size": ("histogram", "requests per prefill forward"),
     "polymodal_decode_step_seconds": ("histogram", "wall time of one batched decode step"),
     "polymodal_prefill_seconds": ("histogram", "wall time of one prompt prefill"),
     "polymodal_request_latency_seconds": ("histogram", "request latency, arrival to last byte"),
@@ -51,7 +53,7 @@ class Metrics:
             self.gauges.setdefault(name, {})[_labels(labels)] = value
 
     def observe(self, name: str, value: float, **labels) -> None:
-        buckets = BATCH_BUCKETS if name == "polymodal_batch_size" else LATENCY_BUCKETS
+        buckets = BATCH_BUCKETS if name.endswith("batch_size") else LATENCY_BUCKETS
         with self._lock:
             h = self.hists.setdefault(name, {}).setdefault(_labels(labels), [[0] * len(buckets), 0.0, 0, buckets])
             i = bisect.bisect_left(buckets, value)
