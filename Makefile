@@ -7,10 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup setup-test chromium quickstart test bench clean
+.PHONY: setup setup-test chromium java quickstart test bench clean
 
 setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test chromium
+setup-test: $(VENV)/.installed-test chromium java
 
 # Headless Chromium for tests/test_playground.py, from Debian (browser downloads do not work here).
 # Idempotent; never fails the build: without apt (or root) the browser test skips with the reason.
@@ -19,6 +19,13 @@ chromium:
 	  (command -v apt-get >/dev/null && apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "make: chromium/chromium-driver not installed; tests/test_playground.py will be skipped"
+
+# Java for pycocoevalcap's PTB tokenizer and METEOR (polymodal eval-caption), from Debian, as above.
+java:
+	@command -v java >/dev/null || \
+	  (command -v apt-get >/dev/null && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) || \
+	  echo "make: java not installed; the caption-metric tests that need it will be skipped"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -23,9 +23,9 @@ DATA = {"translate": "../shared/data/multi30k", "summarize": "../shared/data/bbc
 # the recipes the numbers in docs/results.md were measured with
 RECIPES = {
     "translate": dict(preset="t5-tiny", vocab_size=8000, n_layer=3, n_embd=256, n_head=4, batch_size=64,
-                      lr=2e-3, warmup=300, steps=20000, dropout=0.1, eval_every=500, max_src_len=64, max_tgt_len=64),
+                      lr=1.5e-3, warmup=300, steps=20000, dropout=0.1, eval_every=500, max_src_len=64, max_tgt_len=64),
     "summarize": dict(preset="bart-tiny", vocab_size=8000, n_layer=3, n_embd=256, n_head=4, batch_size=8,
-                      lr=1e-3, warmup=200, steps=20000, dropout=0.1, eval_every=200, max_src_len=512,
+                      lr=1e-3, warmup=200, steps=20000, dropout=0.1, eval_every=400, max_src_len=512,
                       max_tgt_len=192),
 }
 

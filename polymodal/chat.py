@@ -9,10 +9,16 @@ with the shared sampler (``polymodal.generate.stream``, penalties -> temperature
 is produced. Lines are read from stdin, so a conversation can be piped in:
 
     printf 'Hi!\\n/reset\\nWhat is 2+2?\\n' | polymodal chat --temperature 0
+
+With a generative VLM (``polymodal train-vlm``), ``--image`` files enter through the chat
+template: the first user turn starts with one ``<image>`` placeholder per image (expanded to
+the model's image tokens by ``VLM.prompt_ids``), and the images' pixels go to every model call
+of the conversation (``pixel_values`` of shape (1, M, C, H, W)).
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3, Mistral).
@@ -35,7 +41,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 class ChatSession:
     """A conversation with one model: ``reply(text)`` streams the assistant's answer."""
 
-    def __init__(self, model, tokenizer, system: str | None = None, **gen: Any):
+    def __init__(self, model, tokenizer, system: str | None = None, images=None, **gen: Any):
         if tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; chat needs one")
         if not getattr(tokenizer, "chat_template", None):
@@ -43,6 +49,11 @@ class ChatSession:
                              "chat needs an instruction-tuned model")
         self.model, self.tokenizer, self.system, self.gen = model, tokenizer, system, gen
         self.stop_ids = end_of_turn_ids(tokenizer)
+        # images: (M, C, H, W) pixels for a VLM; they belong to the first user turn
+        if images is not None and getattr(getattr(model, "config", None), "family", None) != "vlm":
+            raise ValueError("images need a generative VLM checkpoint (polymodal train-vlm); "
+                             "this model reads text only")
+        self.images = images
         self.reset()
 
     def reset(self) -> None:
@@ -50,6 +61,8 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        if self.images is not None:  # each <image> becomes the model's run of placeholder ids
+            return self.model.prompt_ids(self.tokenizer, text)
         # The rendered template already holds every special token (BOS included where the
         # template writes it), so nothing more is added here.
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -58,11 +71,16 @@ class ChatSession:
         from .generate import stream
         from .tokenizers import StreamDecoder
 
+        gen = dict(self.gen)
+        if self.images is not None:
+            if not any(m["role"] == "user" for m in self.messages):
+                user_text = (self.model.config.image_token + "\n") * len(self.images) + user_text
+            gen["model_kwargs"] = {"pixel_values": self.images[None]}
         self.messages.append({"role": "user", "content": user_text})
         decoder = StreamDecoder(self.tokenizer)
         pieces = []
         for t in stream(self.model, [self.prompt_ids()], eos_token_id=self.stop_ids, tokenizer=self.tokenizer,
-                        truncate=True, **self.gen):
+                        truncate=True, **gen):
             piece = decoder.push(t)
             if piece:
                 pieces.append(piece)
@@ -89,6 +107,7 @@ def chat_cmd(
     seed: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    image: list[str] | None = None,
 ) -> list[dict[str, str]]:
     """Chat with a model in the terminal (streaming, multi-turn; /reset clears, /exit or EOF quits).
 
@@ -102,12 +121,25 @@ def chat_cmd(
         seed: random seed for reproducible sampling.
         device: cpu, cuda, ... or auto (cuda when available).
         dtype: float32, bfloat16, float16 or auto (as stored).
+        image: image file(s) to talk about (a VLM checkpoint); several go into the prompt in order.
     """
     from .interop import load
 
+    run = Path(model) if model is not None else None
+    if run is not None and not (run / "config.json").exists() and (run / "model" / "config.json").is_file():
+        model = str(run / "model")  # a run folder (train-vlm, finetune ...) keeps its best checkpoint in model/
     m, tok = load(model, device=device, dtype=dtype)
     gen = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
-    session = ChatSession(m, tok, system=system, **gen)
+    pixels = None
+    if image:
+        if getattr(m.config, "family", None) != "vlm":
+            raise ValueError(f"--image needs a generative VLM checkpoint (polymodal train-vlm); "
+                             f"{model or 'the default model'} is a {getattr(m.config, 'family', '?')!r} model")
+        from .data.images import ImageProcessor
+
+        w = next(m.parameters())
+        pixels = ImageProcessor.from_config(m.config)(list(image)).to(w.device, w.dtype)
+    session = ChatSession(m, tok, system=system, images=pixels, **gen)
     interactive = sys.stdin.isatty()
     if interactive:
         print("polymodal chat - /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)

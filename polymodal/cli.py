@@ -43,6 +43,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("polymodal.serve.commands", "serve_cmd"),
     "score-text": ("polymodal.eval.text_metrics", "score_text_cmd"),
     "fewshot": ("polymodal.eval.fewshot", "fewshot_cmd"),
+    "train-vlm": ("polymodal.vlm_commands", "train_vlm"),
+    "caption": ("polymodal.vlm_commands", "caption"),
+    "eval-caption": ("polymodal.vlm_commands", "eval_caption"),
 }
 
 

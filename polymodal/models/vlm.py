@@ -78,6 +78,11 @@ class VLMConfig(ConfigBase):
     image_token: str = "<image>"  # the placeholder in prompt text (split out by prompt_ids)
     image_token_id: int = 65  # the placeholder id in the decoder's vocabulary
     suppress_image_token: bool = True
+    # Prompts the training commands used (polymodal.vlm_commands), so inference asks the same way.
+    caption_prompt: str = "<image>"  # stage 1 / ``polymodal caption``: the caption follows this text
+    caption_chat: bool = False  # wrap caption_prompt in the chat template as a user turn
+    # LLaVA-1.5's short-answer VQA prompt (Liu et al., 2023b, "Improved Baselines...", table 7)
+    vqa_prompt: str = "<image>\n{question}\nAnswer the question using a single word or phrase."
 
     def __post_init__(self):
         self.vision = _sub_config(self.vision, "vit")
@@ -148,7 +153,9 @@ class VLM(nn.Module):
     """``forward(input_ids, attention_mask, position_ids, cache, last_only, pixel_values)`` -> logits.
 
     ``pixel_values``: (B, C, H, W) one image per row, or (B, M, C, H, W) up to M images per
-    row; a row with k placeholder groups uses its first k images."""
+    row; a row with k placeholder groups uses its first k images. ``image_features`` instead
+    gives the image tower's patch features (``vision_features``), (B, P, D_v) or (B, M, P, D_v):
+    with a frozen tower they can be computed once per image and reused every epoch."""
 
     def __init__(self, config: VLMConfig, vision: nn.Module | None = None, decoder: nn.Module | None = None):
         super().__init__()
@@ -169,14 +176,18 @@ class VLM(nn.Module):
             self.decoder.tie_weights()
 
     # -- images ------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, n_image_tokens, decoder width)."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the tower's patch features Z_v (N, grid^2, D_v), class token dropped."""
         h = self.vision.hidden_states(pixel_values)
-        h = h[:, int(getattr(self.vision.config, "class_token", False)):]  # patch tokens only
-        return self.projector(h)
+        return h[:, int(getattr(self.vision.config, "class_token", False)):]
+
+    def encode_images(self, pixel_values: torch.Tensor | None = None,
+                      features: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, H, W) pixels or (N, grid^2, D_v) patch features -> H_v (N, n_image_tokens, decoder width)."""
+        return self.projector(self.vision_features(pixel_values) if features is None else features)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+              attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with every placeholder group replaced by its image's tokens."""
         x = self.decoder.wte(input_ids)
         is_img = input_ids == self.config.image_token_id
@@ -186,23 +197,28 @@ class VLM(nn.Module):
         if not any(counts):
             return x
         n = self.config.n_image_tokens
-        if pixel_values is None:
+        if image_features is None:
+            images, name, one, shapes = pixel_values, "pixel_values", 3, "(B, C, H, W) or (B, M, C, H, W)"
+        else:
+            images, name, one, shapes = image_features, "image_features", 2, "(B, P, D_v) or (B, M, P, D_v)"
+        if images is None:
             raise ValueError("the prompt has image placeholder tokens but no pixel_values were given")
-        if pixel_values.dim() == 4:
-            pixel_values = pixel_values[:, None]
-        if pixel_values.dim() != 5 or pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"pixel_values must be (B, C, H, W) or (B, M, C, H, W) with B={input_ids.shape[0]}, "
-                             f"got {tuple(pixel_values.shape)}")
+        if images.dim() == one + 1:  # one image per row
+            images = images[:, None]
+        if images.dim() != one + 2 or images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{name} must be {shapes} with B={input_ids.shape[0]}, got {tuple(images.shape)}")
         picks = []
         for row, c in enumerate(counts):
             if c % n:
                 raise ValueError(f"row {row} has {c} image placeholder tokens, not a multiple of the "
                                  f"{n} tokens per image (build prompts with VLM.prompt_ids)")
-            if c // n > pixel_values.shape[1]:
-                raise ValueError(f"row {row} has {c // n} images in its prompt but pixel_values hold "
-                                 f"{pixel_values.shape[1]} per row")
-            picks += [pixel_values[row, j] for j in range(c // n)]
-        feats = self.encode_images(torch.stack(picks)).to(x.dtype)
+            if c // n > images.shape[1]:
+                raise ValueError(f"row {row} has {c // n} images in its prompt but {name} hold "
+                                 f"{images.shape[1]} per row")
+            picks += [images[row, j] for j in range(c // n)]
+        picks = torch.stack(picks)
+        feats = (self.encode_images(picks) if image_features is None
+                 else self.encode_images(features=picks.to(self.projector.fc.weight.dtype))).to(x.dtype)
         # masked_scatter fills placeholders row-major: row by row, images and tokens in prompt order
         return x.masked_scatter(is_img[..., None], feats.reshape(-1, feats.shape[-1]))
 
@@ -212,12 +228,12 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
         if cache is not None and cache.pos > 0:
             # decode step: the image is already in the cache; only the new text token enters
             embeds = self.decoder.wte(input_ids)
         else:
-            embeds = self.embed(input_ids, pixel_values, attention_mask)
+            embeds = self.embed(input_ids, pixel_values, attention_mask, image_features)
         logits = self.decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                               last_only=last_only, inputs_embeds=embeds)
         if self.config.suppress_image_token:
@@ -225,17 +241,31 @@ class VLM(nn.Module):
                                        float("-inf"))
         return logits
 
-    def loss(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, labels: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross-entropy. ``labels`` (B, T) align with ``input_ids`` (shifted here);
-        -100 is ignored. Default labels: the inputs, with image placeholders and padding ignored."""
+        -100 is ignored. Default labels: the inputs, with image placeholders and padding ignored.
+
+        The LM head runs only at the positions that have a label: with a 49k vocabulary it is a
+        fifth of SmolLM2's forward cost, and stage-1/2 batches label only the caption/answer."""
         if labels is None:
             labels = input_ids.masked_fill(input_ids == self.config.image_token_id, -100)
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask.to(torch.bool), -100)
-        logits = self(input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        embeds = self.embed(input_ids, pixel_values, attention_mask, image_features)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        dec = self.decoder
+        if hasattr(dec, "hidden_states") and hasattr(dec, "lm_head"):
+            h = dec.hidden_states(input_ids, attention_mask, None, None, embeds)
+            logits = dec.lm_head(h[:, :-1][keep])
+        else:
+            logits = dec(input_ids, attention_mask=attention_mask, inputs_embeds=embeds)[:, :-1][keep]
+        if self.config.suppress_image_token:  # as in forward: the placeholder is never a prediction
+            logits = logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device),
+                                       float("-inf"))
+        return F.cross_entropy(logits.float(), targets[keep])
 
     # -- prompts ----------------------------------------------------------------------
     def prompt_ids(self, tokenizer, text: str, chat: bool = False, add_generation_prompt: bool = True) -> list[int]:
@@ -299,7 +329,7 @@ def extend_vocab(gpt: nn.Module, n_new: int = 1) -> list[int]:
 
 
 def vlm_from_smollm2(vision: str | dict | ConfigBase = "vit-nano-cifar", *, path=None, pixel_shuffle: int = 1,
-                     projector: str = "mlp", image_token_id: int | None = SMOLLM2_IMAGE_TOKEN_ID,
+                     projector: str = "mlp", image_token_id: int | str | None = SMOLLM2_IMAGE_TOKEN_ID,
                      freeze_decoder: bool = True, freeze_vision: bool = False, lora_rank: int = 0,
                      vision_model: nn.Module | None = None, **vision_overrides):
     """A VLM whose decoder is SmolLM2-135M-Instruct with its real weights (``polymodal.load(path)``).
@@ -308,13 +338,18 @@ def vlm_from_smollm2(vision: str | dict | ConfigBase = "vit-nano-cifar", *, path
     SmolLM2's vocabulary, so the decoder's weights and vocabulary stay exactly as loaded (its
     embedding row is never read: placeholders are overwritten by image features, and its logit is
     suppressed). ``image_token_id=None`` instead appends a new row to the embedding / LM head
-    (vocab 49152 -> 49153). ``vision``: a ViT preset name, a config dict/object, or pass a ready
-    ``vision_model`` (e.g. a pretrained CLIP image tower) with its config as ``vision``.
+    (vocab 49152 -> 49153); ``"auto"`` uses id 16 when the tokenizer names it ``<empty_output>``
+    and a new row otherwise (any other decoder given by ``path``). ``vision``: a ViT preset name,
+    a config dict/object, or pass a ready ``vision_model`` (e.g. a pretrained CLIP image tower)
+    with its config as ``vision``.
     Returns ``(vlm, tokenizer)``."""
     from ..interop import load
     from .vit import ViTConfig
 
     decoder, tokenizer = load(path)
+    if image_token_id == "auto":  # SmolLM2's unused special token where the vocabulary has it, else a new row
+        has = tokenizer is not None and tokenizer.id_to_token(SMOLLM2_IMAGE_TOKEN_ID) == "<empty_output>"
+        image_token_id = SMOLLM2_IMAGE_TOKEN_ID if has else None
     if image_token_id is None:
         image_token_id = extend_vocab(decoder, 1)[0]
     if isinstance(vision, str):
