@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="reuse <vit-out>/model instead of training")
     ap.add_argument("--minutes", type=float, default=15.0, help="train-vit time budget")
     ap.add_argument("--vit-epochs", type=int, default=300, help="train-vit epochs (the budget usually ends it first)")
-    ap.add_argument("--preset", default="vit-tiny-cifar")
+    ap.add_argument("--preset", default="vit-tiny-cifar-conv")
     # The recipe of the reported run: a narrower ViT than the preset (more epochs fit in the budget),
     # mean pooling, no dropout (the augmentation regularises). See polymodal/vit_commands.py.
     ap.add_argument("--vit-args", default='{"n_embd": 128, "n_layer": 6, "n_head": 4, "intermediate_size": 256, '

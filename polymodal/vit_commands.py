@@ -340,7 +340,7 @@ def _plot(history: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # train-vit
 # ---------------------------------------------------------------------------------------
-def train_vit(data: str = "../shared/data/cifar10", out: str = "runs/vit", preset: str = "vit-tiny-cifar",
+def train_vit(data: str = "../shared/data/cifar10", out: str = "runs/vit", preset: str = "vit-tiny-cifar-conv",
               n_embd: int | None = None, n_layer: int | None = None, n_head: int | None = None,
               intermediate_size: int | None = None, patch_size: int | None = None,
               pool: Literal["cls", "mean"] | None = None, dropout: float | None = None,
