@@ -86,14 +86,14 @@ def vit_config_from_hf(hf: dict[str, Any]) -> ViTConfig:
 
 
 def _is_hf_vit_shape(c: ViTConfig) -> bool:
-    return (c.class_token and c.pool == "cls" and not c.pre_norm and c.final_norm == "all" and c.patch_bias
+    return (c.stem == "patch" and c.class_token and c.pool == "cls" and not c.pre_norm and c.final_norm == "all" and c.patch_bias
             and c.activation in _ACT_TO_HF)
 
 
 def vit_config_to_hf(c: ViTConfig) -> dict[str, Any]:
     if not isinstance(c, ViTConfig) or not _is_hf_vit_shape(c):
-        raise ValueError("config is not HF-ViT shaped (class token, final LayerNorm on all tokens, patch bias, "
-                         "no pre-norm)")
+        raise ValueError("config is not HF-ViT shaped (patch stem, class token, final LayerNorm on all tokens, "
+                         "patch bias, no pre-norm)")
     if c.pooler and c.num_labels:
         raise ValueError("HF ViTForImageClassification has no pooler; a ViT with both cannot be exported")
     out = {
@@ -206,7 +206,7 @@ def clip_config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
 
 
 def _is_clip_vision(v) -> bool:
-    return (isinstance(v, ViTConfig) and v.class_token and v.pool == "cls" and v.pre_norm and v.final_norm == "pooled"
+    return (isinstance(v, ViTConfig) and v.stem == "patch" and v.class_token and v.pool == "cls" and v.pre_norm and v.final_norm == "pooled"
             and not v.patch_bias and v.qkv_bias and not v.pooler and not v.num_labels and v.activation in _ACT_TO_HF)
 
 
