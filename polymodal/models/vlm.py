@@ -83,6 +83,7 @@ class VLMConfig(ConfigBase):
     caption_chat: bool = False  # wrap caption_prompt in the chat template as a user turn
     # LLaVA-1.5's short-answer VQA prompt (Liu et al., 2023b, "Improved Baselines...", table 7)
     vqa_prompt: str = "<image>\n{question}\nAnswer the question using a single word or phrase."
+    vqa_chat: bool = True  # wrap vqa_prompt in the chat template (when the tokenizer has one); off: BOS + prompt
 
     def __post_init__(self):
         self.vision = _sub_config(self.vision, "vit")
@@ -249,6 +250,15 @@ class VLM(nn.Module):
 
         The LM head runs only at the positions that have a label: with a 49k vocabulary it is a
         fifth of SmolLM2's forward cost, and stage-1/2 batches label only the caption/answer."""
+        logits, targets = self.labelled_logits(input_ids, pixel_values, labels, attention_mask, image_features)
+        return F.cross_entropy(logits.float(), targets)
+
+    def labelled_logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                        labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                        image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) at the positions ``loss`` scores, in row-major order: the next-token
+        logits (K, vocab) of the K labelled targets (K,). ``argmax == target`` over a row's positions
+        is teacher-forced exact match, which equals greedy decoding's answer (same prefix each step)."""
         if labels is None:
             labels = input_ids.masked_fill(input_ids == self.config.image_token_id, -100)
             if attention_mask is not None:
@@ -265,7 +275,7 @@ class VLM(nn.Module):
         if self.config.suppress_image_token:  # as in forward: the placeholder is never a prediction
             logits = logits.index_fill(-1, torch.tensor([self.config.image_token_id], device=logits.device),
                                        float("-inf"))
-        return F.cross_entropy(logits.float(), targets[keep])
+        return logits, targets[keep]
 
     # -- prompts ----------------------------------------------------------------------
     def prompt_ids(self, tokenizer, text: str, chat: bool = False, add_generation_prompt: bool = True) -> list[int]:
@@ -328,10 +338,58 @@ def extend_vocab(gpt: nn.Module, n_new: int = 1) -> list[int]:
     return list(range(v, v + n_new))
 
 
+def truncate_layers(gpt: nn.Module, n_layer: int) -> nn.Module:
+    """Keeps a causal LM's first ``n_layer`` transformer blocks, in place; the embeddings, the
+    final norm and the (tied) LM head stay as they are, so the result is the same network with
+    its top blocks removed (the residual stream after block K goes straight to the final norm).
+
+    Layer pruning of pretrained LMs: Gromov et al., 2024, "The Unreasonable Ineffectiveness of
+    the Deeper Layers" (sec. 3-4: the deeper half of Llama-2-70B can go with little QA loss after
+    a brief LoRA "healing"), and Men et al., 2024, "ShortGPT: Layers in Large Language Models are
+    More Redundant Than You Expect" (sec. 3: removing the blocks of least Block Influence). Here
+    the kept blocks are simply the first K (their embeddings and early features are what a short
+    answer needs), which makes a VLM's training step about K / n_layer of the full decoder's.
+    Returns ``gpt`` with ``config.n_layer == n_layer``."""
+    blocks = getattr(gpt, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(gpt.config, "n_layer"):
+        raise ValueError(f"{type(gpt).__name__} has no ``blocks`` list to truncate (need a GPT-family decoder)")
+    if not 1 <= n_layer <= len(blocks):
+        raise ValueError(f"can keep 1 to {len(blocks)} decoder blocks, got {n_layer}")
+    gpt.blocks = nn.ModuleList(list(blocks)[:n_layer])
+    name = gpt.config.name if n_layer == len(blocks) else f"{gpt.config.name} (first {n_layer} of {len(blocks)} blocks)"
+    gpt.config = dataclasses.replace(gpt.config, n_layer=n_layer, name=name)
+    return gpt
+
+
+# Image towers for small synthetic images, trained from scratch inside the VLM (``--vision NAME``).
+# vit-nano-conv64: 64 px in, Xiao et al.'s (2021) convolutional stem (four stride-2 3x3 convs:
+# 64 -> 4 px, as train-vqa's ResNet stem) then 2 narrow blocks over the 4x4 grid: easy-VQA's
+# shapes and colours need locality more than depth, and the stem lets a fresh tower learn them in
+# minutes. ``pixel_shuffle=1`` gives the decoder 16 image tokens.
+TOWER_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-nano-conv64": dict(name="vit-nano-conv64", image_size=64, patch_size=16, n_embd=128, n_layer=2, n_head=4,
+                            intermediate_size=256, pool="mean", class_token=False, stem="conv",
+                            stem_channels=(32, 64, 128, 128), stem_strides=(2, 2, 2, 2), norm_eps=1e-6,
+                            image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resample="bilinear",
+                            resize_mode="square"),
+}
+
+
+def vision_config(name: str, **overrides) -> ConfigBase:
+    """A tower config by name: a ViT preset (``ViTConfig.presets``) or one of ``TOWER_PRESETS``."""
+    from .vit import ViTConfig
+
+    if name in ViTConfig.presets:
+        return ViTConfig.from_preset(name, **{"num_labels": 0, **overrides})
+    if name in TOWER_PRESETS:
+        return ViTConfig(**{**TOWER_PRESETS[name], "num_labels": 0, **overrides})
+    raise ValueError(f"{name!r} is not a tower preset ({', '.join(sorted({*ViTConfig.presets, *TOWER_PRESETS}))})")
+
+
 def vlm_from_smollm2(vision: str | dict | ConfigBase = "vit-nano-cifar", *, path=None, pixel_shuffle: int = 1,
                      projector: str = "mlp", image_token_id: int | str | None = SMOLLM2_IMAGE_TOKEN_ID,
                      freeze_decoder: bool = True, freeze_vision: bool = False, lora_rank: int = 0,
-                     vision_model: nn.Module | None = None, **vision_overrides):
+                     decoder_layers: int = 0, vision_model: nn.Module | None = None, **vision_overrides):
     """A VLM whose decoder is SmolLM2-135M-Instruct with its real weights (``polymodal.load(path)``).
 
     The image placeholder: by default the id of ``<empty_output>`` (16), an unused special token of
@@ -339,21 +397,24 @@ def vlm_from_smollm2(vision: str | dict | ConfigBase = "vit-nano-cifar", *, path
     embedding row is never read: placeholders are overwritten by image features, and its logit is
     suppressed). ``image_token_id=None`` instead appends a new row to the embedding / LM head
     (vocab 49152 -> 49153); ``"auto"`` uses id 16 when the tokenizer names it ``<empty_output>``
-    and a new row otherwise (any other decoder given by ``path``). ``vision``: a ViT preset name,
-    a config dict/object, or pass a ready ``vision_model`` (e.g. a pretrained CLIP image tower)
-    with its config as ``vision``.
+    and a new row otherwise (any other decoder given by ``path``). ``vision``: a tower preset name
+    (``vision_config``), a config dict/object, or pass a ready ``vision_model`` (e.g. a pretrained
+    CLIP image tower) with its config as ``vision``. ``decoder_layers=K`` keeps only the decoder's
+    first K blocks (``truncate_layers``; 0 = all), with the real embeddings, final norm, tied head
+    and tokenizer.
     Returns ``(vlm, tokenizer)``."""
     from ..interop import load
-    from .vit import ViTConfig
 
     decoder, tokenizer = load(path)
+    if decoder_layers:
+        truncate_layers(decoder, decoder_layers)
     if image_token_id == "auto":  # SmolLM2's unused special token where the vocabulary has it, else a new row
         has = tokenizer is not None and tokenizer.id_to_token(SMOLLM2_IMAGE_TOKEN_ID) == "<empty_output>"
         image_token_id = SMOLLM2_IMAGE_TOKEN_ID if has else None
     if image_token_id is None:
         image_token_id = extend_vocab(decoder, 1)[0]
     if isinstance(vision, str):
-        vcfg = ViTConfig.from_preset(vision, **{"num_labels": 0, **vision_overrides})
+        vcfg = vision_config(vision, **vision_overrides)
     else:
         vcfg = _sub_config(vision, "vit")
     cfg = VLMConfig(name="smollm2-vlm", vision=vcfg, decoder=decoder.config, projector=projector,
