@@ -121,3 +121,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure atomically (temp file + rename, so a crash never leaves half a
+    PNG where a plot was) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

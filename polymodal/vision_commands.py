@@ -443,10 +443,8 @@ def zero_shot(model: str, images: str = "../shared/data/cifar10", classes: list[
         json_out: write accuracy and per-image predictions here.
         skip_bad_images: warn and skip unreadable images instead of stopping.
     """
-    import warnings
-
     from .data.captions import load_labeled_images
-    from .data.images import ImageLoadError, load_image
+    from .data.images import load_images
 
     net, tok, proc = load_clip(model)
     paths, labels = load_labeled_images(images, split)
@@ -454,15 +452,7 @@ def zero_shot(model: str, images: str = "../shared/data/cifar10", classes: list[
     if not classnames:
         raise ValueError(f"{images}: no labels found; pass --classes")
     temps = _read_list(templates) or list(DEFAULT_TEMPLATES)
-    pil, keep = [], []
-    for i, p in enumerate(paths):
-        try:
-            pil.append(load_image(p))
-            keep.append(i)
-        except ImageLoadError as e:
-            if not skip_bad_images:
-                raise
-            warnings.warn(f"skipping {e}", stacklevel=2)
+    pil, keep = load_images(paths, skip_bad_images)
     w = zero_shot_weights(net, tok, classnames, temps)
     probs = (net.logit_scale.exp().item() * encode_images(net, proc, pil, batch_size) @ w.t()).softmax(dim=-1)
     pred = probs.argmax(dim=-1).tolist()

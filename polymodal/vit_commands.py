@@ -309,12 +309,12 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def _plot(history: list[dict], path: Path) -> None:
     """Train loss and val accuracy against the epoch (Agg backend, atomic replace)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .io import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ep = [r["epoch"] for r in history]
@@ -331,10 +331,7 @@ def _plot(history: list[dict], path: Path) -> None:
     ax.legend(h1 + h2, l1 + l2, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------

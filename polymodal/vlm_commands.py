@@ -627,24 +627,9 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
 # generation
 # ---------------------------------------------------------------------------------------
 def _load_images(images: Sequence, skip_bad: bool = False):
-    import warnings
+    from .data.images import load_images
 
-    from .data.images import ImageLoadError, load_image
-
-    out, keep = [], []
-    for i, im in enumerate(images):
-        if not isinstance(im, (str, Path)):
-            out.append(im)
-            keep.append(i)
-            continue
-        try:
-            out.append(load_image(im))
-            keep.append(i)
-        except ImageLoadError as e:
-            if not skip_bad:
-                raise
-            warnings.warn(f"skipping {e}", stacklevel=2)
-    return out, keep
+    return load_images(images, skip_bad)
 
 
 def generate_captions(model, tokenizer, images: Sequence, beam: int = 3, max_new_tokens: int = 30,

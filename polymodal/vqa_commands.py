@@ -231,12 +231,12 @@ def load_vqa_model(path: str | Path):
 
 def _plot(records: list[dict], baseline: float | None, path: Path) -> None:
     """Training loss and validation accuracy against step (matplotlib Agg, written atomically)."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .io import save_figure
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], 100 * r["val_accuracy"]) for r in records if "val_accuracy" in r]
@@ -253,10 +253,7 @@ def _plot(records: list[dict], baseline: float | None, path: Path) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,8 +481,6 @@ def eval_vqa(model: str, data: str = "../shared/data/easy_vqa", split: str = "va
         json_out: write the metrics here.
         progress: show tqdm bars.
     """
-    from tqdm import tqdm
-
     from .data.images import ImageProcessor
     from .data.vqa import load_vqa
     from .eval.vqa import evaluate_vqa, exact_match, vqa_accuracy

@@ -77,6 +77,24 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+def load_images(images: Sequence, skip_bad: bool = False) -> tuple[list, list[int]]:
+    """Decode a list of paths (PIL images and tensors pass through), returning the images and the
+    indices they came from. A file that does not decode raises :class:`ImageLoadError` naming it,
+    or, with ``skip_bad``, is left out with a warning (the indices say which ones survived)."""
+    import warnings
+
+    out, keep = [], []
+    for i, im in enumerate(images):
+        try:
+            out.append(load_image(im) if isinstance(im, (str, Path)) else im)
+            keep.append(i)
+        except ImageLoadError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    return out, keep
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")

@@ -25,17 +25,15 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..data import TokenShards
-from ..io import CheckpointError, read_json
+from ..io import CheckpointError, read_json, save_figure
 from ..models.gpt import GPT, GPTConfig, lm_loss
 from . import distributed as D
 from .checkpoint import capture_rng, model_state, restore_rng, resume as resume_checkpoint, save_checkpoint
@@ -565,10 +563,7 @@ def plot_losses(history: list[dict[str, Any]], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def train(recipe: TrainConfig | dict, out: str | Path = "runs/train", *, resume: bool = False,
