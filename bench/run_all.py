@@ -23,6 +23,20 @@ BENCHES = [
     ("embeddings.py", [], ["--n", "128", "--repeats", "1", "--no-bf16", "--no-sequential"]),
     ("clip_vision.py", ["--dtypes", "fp32"], ["--batch", "4", "--repeats", "1", "--dtypes", "fp32"]),
     ("fewshot_sst2.py", ["--n-eval", "100"], ["--n-eval", "16", "--k", "0", "1"]),
+    ("serve.py", ["--backend", "polymodal", "transformers", "--clients", "1", "8", "32", "--requests", "4",
+                  "--max-tokens", "64", "--duration", "45", "--max-time", "900"], ["--quick"]),
+]
+# the task-quality runs of docs/results.md (training under a time budget: hours in all; `--results`)
+RESULTS = [
+    ("finetune_results.py", [], ["--minutes", "0.3", "--max-train", "256"]),
+    ("vision_results.py", ["--minutes", "15", "--threads", "1"], ["--minutes", "0.2", "--vit-epochs", "2"]),
+    ("vqa_results.py", ["--minutes", "12", "--daquar-minutes", "3", "--threads", "1"],
+     ["--minutes", "0.1", "--daquar-minutes", "0.1"]),
+    ("caption_results.py", ["--minutes", "25", "--threads", "1"], ["--minutes", "0.1", "--limit", "4"]),
+    ("seq2seq_results.py", ["translate", "--minutes", "40"], ["translate", "--minutes", "0.2", "--limit", "64",
+                                                            "--val-limit", "8"]),
+    ("seq2seq_results.py", ["summarize", "--minutes", "15"], ["summarize", "--minutes", "0.2", "--limit", "32",
+                                                            "--val-limit", "4"]),
 ]
 
 
@@ -31,17 +45,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smallest settings (a smoke test, not a measurement)")
     ap.add_argument("--only", nargs="*", help="script names to run")
     ap.add_argument("--logs", default="runs/bench", help="folder for one log per benchmark")
+    ap.add_argument("--results", action="store_true", help="run docs/results.md's training runs instead (hours)")
     args = ap.parse_args()
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     failed = []
-    for script, full, quick in BENCHES:
+    for script, full, quick in (RESULTS if args.results else BENCHES):
         if args.only and script not in args.only and script.removesuffix(".py") not in args.only:
             continue
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
         print(f"\n=== {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        with open(logs / f"{script.removesuffix('.py')}.log", "w") as log:
+        name = "_".join([script.removesuffix(".py"), *[a for a in full[:1] if not a.startswith("-")]])
+        with open(logs / f"{name}.log", "w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for line in proc.stdout:
                 print(line, end="")
