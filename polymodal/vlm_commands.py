@@ -36,6 +36,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from .data.images import load_images
+
 DEFAULT_DATA = "../shared/data/flickr8k"
 LORA_ATTN = ("blocks.*.attn.qkv", "blocks.*.attn.proj")  # VLM.add_lora's default targets
 LORA_MLP = ("blocks.*.mlp.fc", "blocks.*.mlp.proj")
@@ -626,10 +628,6 @@ def train_vlm(data: str = DEFAULT_DATA, out: str = "runs/vlm", stage: Literal[1,
 # ---------------------------------------------------------------------------------------
 # generation
 # ---------------------------------------------------------------------------------------
-def _load_images(images: Sequence, skip_bad: bool = False):
-    from .data.images import load_images
-
-    return load_images(images, skip_bad)
 
 
 def generate_captions(model, tokenizer, images: Sequence, beam: int = 3, max_new_tokens: int = 30,
@@ -653,7 +651,7 @@ def generate_captions(model, tokenizer, images: Sequence, beam: int = 3, max_new
     device, dtype = w.device, w.dtype
     out: list[str] = []
     for s in tqdm(range(0, len(images), batch_size), desc="caption", disable=not progress, dynamic_ncols=True):
-        pil, _ = _load_images(images[s:s + batch_size])
+        pil, _ = load_images(images[s:s + batch_size])
         px = proc(pil).to(device, dtype)
         gen = generate(model, [ids] * len(pil), max_new_tokens=max_new_tokens, num_beams=beam, do_sample=False,
                        temperature=0.0, no_repeat_ngram_size=no_repeat_ngram, eos_token_id=stop_ids(tokenizer),
@@ -680,7 +678,7 @@ def answer_questions(model, tokenizer, images: Sequence, questions: Sequence[str
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     out: list[str] = []
     for s in tqdm(range(0, len(images), batch_size), desc="answer", disable=not progress, dynamic_ncols=True):
-        pil, _ = _load_images(images[s:s + batch_size])
+        pil, _ = load_images(images[s:s + batch_size])
         px = proc(pil).to(w.device, w.dtype)
         ids = [question_prompt_ids(model, tokenizer, q) for q in questions[s:s + batch_size]]
         gen = generate(model, ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=0.0,
@@ -779,7 +777,7 @@ def eval_caption(model: str, data: str = DEFAULT_DATA, split: str = "val", limit
     m, tok, _ = load_vlm(model, device=device)
     records = load_captions(data, split, image_root)
     records = records[:limit] if limit else records
-    pil, keep = _load_images([r.image for r in records], skip_bad_images)
+    pil, keep = load_images([r.image for r in records], skip_bad_images)
     records = [records[i] for i in keep]
     if not records:
         raise ValueError(f"{data}: no images to caption in split {split!r}")

@@ -62,6 +62,18 @@ def test_int4_packing_roundtrip_and_error(n_out, n_in, bias, group):
     assert (err <= s / 2 + 4e-3 * lin.weight.abs().max()).all()
 
 
+def _check_fast_against_reference(q, x, out_shape, tol=2e-2):
+    """The packed kernel (impl="fast") and the dequantise path agree in fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        q.impl = "reference"
+        ref = q(xd)
+        q.impl = "fast"
+        fast = q(xd)
+        assert fast.shape == out_shape and fast.dtype == dtype
+        assert rel(fast, ref) < tol, (dtype, rel(fast, ref))
+
+
 @pytest.mark.skipif(not _HAS_INT8_KERNEL, reason="torch._weight_int8pack_mm missing")
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 64)])
 def test_int8_fast_matches_reference(shape):
@@ -69,14 +81,7 @@ def test_int8_fast_matches_reference(shape):
     q = Int8Linear.from_linear(lin)
     torch.manual_seed(1)
     x = torch.randn(*shape)
-    for dtype, tol in ((torch.float32, 2e-2), (torch.bfloat16, 2e-2)):
-        xd = x.to(dtype)
-        q.impl = "reference"
-        ref = q(xd)
-        q.impl = "fast"
-        fast = q(xd)
-        assert fast.shape == (*shape[:-1], 65) and fast.dtype == dtype
-        assert rel(fast, ref) < tol, (dtype, rel(fast, ref))
+    _check_fast_against_reference(q, x, (*shape[:-1], 65))
     assert rel(q(x), lin(x)) < 2e-2  # and it is still the layer it replaced
 
 
@@ -87,14 +92,7 @@ def test_int4_fast_matches_reference(n_out, group, bias):
     q = Int4Linear.from_linear(lin, group)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 128)
-    for dtype, tol in ((torch.float32, 2e-2), (torch.bfloat16, 2e-2)):
-        xd = x.to(dtype)
-        q.impl = "reference"
-        ref = q(xd)
-        q.impl = "fast"
-        fast = q(xd)
-        assert fast.shape == (2, 3, n_out) and fast.dtype == dtype
-        assert rel(fast, ref) < tol, (dtype, rel(fast, ref))
+    _check_fast_against_reference(q, x, (2, 3, n_out))
     assert rel(q(x), lin(x)) < 0.2  # 4 bits: ~1/30 of a group's range per weight
 
 

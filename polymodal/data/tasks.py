@@ -171,29 +171,38 @@ def read_tsv(spec: TaskSpec, path: str | Path) -> list[TextExample]:
     return out
 
 
+def iter_json_objects(path: str | Path, text: str | None = None):
+    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file; a line that
+    is not a JSON object raises :class:`DataError` naming file and line."""
+    path = Path(path)
+    lines = text.splitlines() if text is not None else path.read_text(encoding="utf-8").splitlines()
+    for i, raw in enumerate(lines, start=1):
+        where = f"{path}:{i}"
+        if not raw.strip():
+            continue
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        yield i, d
+
+
 def read_jsonl(spec: TaskSpec, path: str | Path) -> list[TextExample]:
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, raw in enumerate(f, start=1):
-            where = f"{path}:{i}"
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(d, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            texts = []
-            for k in spec.text:
-                t = d.get(k)
-                if not isinstance(t, str) or not t.strip():
-                    raise DataError(f"{where}: missing or empty text field {k!r}")
-                texts.append(t.strip())
-            if spec.label not in d:
-                raise DataError(f"{where}: missing label field {spec.label!r}")
-            out.append(TextExample(texts[0], texts[1] if len(texts) > 1 else None, _label(spec, d[spec.label], where), i))
+    for i, d in iter_json_objects(path):
+        where = f"{path}:{i}"
+        texts = []
+        for k in spec.text:
+            t = d.get(k)
+            if not isinstance(t, str) or not t.strip():
+                raise DataError(f"{where}: missing or empty text field {k!r}")
+            texts.append(t.strip())
+        if spec.label not in d:
+            raise DataError(f"{where}: missing label field {spec.label!r}")
+        out.append(TextExample(texts[0], texts[1] if len(texts) > 1 else None, _label(spec, d[spec.label], where), i))
     return out
 
 

@@ -107,16 +107,10 @@ def _read_tsv(path: Path, text: str, text_field: str | None) -> list[list[str]]:
 
 def _read_jsonl(path: Path, text: str, text_field: str | None) -> list[list[str]]:
     """One JSON object per line; its text field is one document (e.g. a BBC article)."""
+    from ..data.tasks import iter_json_objects
+
     docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+    for n, rec in iter_json_objects(path, text):
         field = _pick_field(list(rec), text_field, f"{path}:{n}")
         if not isinstance(rec[field], str):
             raise ValueError(f"{path}:{n}: field {field!r} is not a string")
