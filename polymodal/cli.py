@@ -15,37 +15,38 @@ import importlib
 import inspect
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("polymodal.train.quickstart", "quickstart"),
-    "prepare": ("polymodal.data.prepare", "prepare"),
-    "train": ("polymodal.train.commands", "train"),
-    "generate": ("polymodal.generate.commands", "generate_cmd"),
-    "ngram": ("polymodal.models.ngram", "ngram_cmd"),
-    "convert": ("polymodal.interop.commands", "convert_cmd"),
-    "chat": ("polymodal.chat", "chat_cmd"),
-    "train-seq2seq": ("polymodal.seq2seq_commands", "train_seq2seq"),
-    "translate": ("polymodal.seq2seq_commands", "translate"),
-    "summarize": ("polymodal.seq2seq_commands", "summarize"),
-    "train-clip": ("polymodal.vision_commands", "train_clip"),
-    "zero-shot": ("polymodal.vision_commands", "zero_shot"),
-    "retrieve": ("polymodal.vision_commands", "retrieve"),
-    "eval-retrieval": ("polymodal.vision_commands", "eval_retrieval"),
-    "train-vit": ("polymodal.vit_commands", "train_vit"),
-    "linear-probe": ("polymodal.vit_commands", "linear_probe"),
-    "train-vqa": ("polymodal.vqa_commands", "train_vqa"),
-    "vqa": ("polymodal.vqa_commands", "vqa"),
-    "eval-vqa": ("polymodal.vqa_commands", "eval_vqa"),
-    "finetune": ("polymodal.train.finetune", "finetune"),
-    "eval": ("polymodal.train.finetune", "eval_cmd"),
-    "pretrain-mlm": ("polymodal.train.pretrain_mlm", "pretrain_mlm"),
-    "serve": ("polymodal.serve.commands", "serve_cmd"),
-    "score-text": ("polymodal.eval.text_metrics", "score_text_cmd"),
-    "fewshot": ("polymodal.eval.fewshot", "fewshot_cmd"),
-    "train-vlm": ("polymodal.vlm_commands", "train_vlm"),
-    "caption": ("polymodal.vlm_commands", "caption"),
-    "eval-caption": ("polymodal.vlm_commands", "eval_caption"),
+    "quickstart": ("polymodal.commands.quickstart", "quickstart"),
+    "prepare": ("polymodal.commands.prepare", "prepare"),
+    "train": ("polymodal.commands.train", "train"),
+    "generate": ("polymodal.commands.generate", "generate_cmd"),
+    "chat": ("polymodal.commands.chat", "chat_cmd"),
+    "ngram": ("polymodal.commands.ngram", "ngram_cmd"),
+    "convert": ("polymodal.commands.convert", "convert_cmd"),
+    "finetune": ("polymodal.commands.finetune", "finetune"),
+    "eval": ("polymodal.commands.finetune", "eval_cmd"),
+    "pretrain-mlm": ("polymodal.commands.pretrain_mlm", "pretrain_mlm"),
+    "fewshot": ("polymodal.commands.fewshot", "fewshot_cmd"),
+    "train-seq2seq": ("polymodal.commands.seq2seq", "train_seq2seq"),
+    "translate": ("polymodal.commands.seq2seq", "translate"),
+    "summarize": ("polymodal.commands.seq2seq", "summarize"),
+    "score-text": ("polymodal.commands.score_text", "score_text_cmd"),
+    "train-vit": ("polymodal.commands.vit", "train_vit"),
+    "linear-probe": ("polymodal.commands.vit", "linear_probe"),
+    "train-clip": ("polymodal.commands.clip", "train_clip"),
+    "zero-shot": ("polymodal.commands.clip", "zero_shot"),
+    "retrieve": ("polymodal.commands.clip", "retrieve"),
+    "eval-retrieval": ("polymodal.commands.clip", "eval_retrieval"),
+    "train-vqa": ("polymodal.commands.vqa", "train_vqa"),
+    "vqa": ("polymodal.commands.vqa", "vqa"),
+    "eval-vqa": ("polymodal.commands.vqa", "eval_vqa"),
+    "train-vlm": ("polymodal.commands.vlm", "train_vlm"),
+    "caption": ("polymodal.commands.vlm", "caption"),
+    "eval-caption": ("polymodal.commands.vlm", "eval_caption"),
+    "serve": ("polymodal.commands.serve", "serve_cmd"),
 }
 
 
@@ -122,13 +123,95 @@ def build_parser(name: str, fn: Callable) -> argparse.ArgumentParser:
     return parser
 
 
+def _load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--config FILE.yaml``: a mapping whose keys are the command's flags (dashes or underscores)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: config file not found")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{p}:{line + 1}" if line is not None else str(p)
+        raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: a config must be a mapping of flag names to values")
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "print_config")}
+    out = {}
+    for k, v in d.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise ValueError(f"{p}: unknown key {k!r}; the flags of this command are "
+                             f"{', '.join(sorted(n.replace('_', '-') for n in known))}")
+        act = known[key]
+        if act.type is not None and v is not None and not isinstance(v, (list, bool)):
+            try:
+                v = act.type(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{p}: key {k!r} must be {getattr(act.type, '__name__', act.type)}, got {v!r}") from None
+        if act.choices is not None and v not in act.choices:
+            raise ValueError(f"{p}: key {k!r} must be one of {list(act.choices)}, got {v!r}")
+        out[key] = v
+    return out
+
+
+def _resume_defaults(argv: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """With ``--resume``, the run's own flags (``<out>/config.json`` "flags") are the defaults, so a
+    bare ``--resume --out RUN`` continues the same recipe; flags given again still win."""
+    import json
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if not known.resume:
+        return {}
+    out = known.out or next((a.default for a in parser._actions if a.dest == "out"), None)
+    cfg = Path(out) / "config.json" if out else None
+    if cfg is None or not cfg.is_file():
+        return {}
+    try:
+        flags = json.loads(cfg.read_text()).get("flags") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{cfg}: not valid JSON (the run's recipe)") from None
+    dests = {a.dest for a in parser._actions}
+    return {k: v for k, v in flags.items() if k in dests and k not in ("resume", "overwrite")}
+
+
 def run_command(name: str, argv: list[str]) -> Any:
     if name not in COMMANDS:
         raise SystemExit(f"polymodal: unknown command {name!r}; run 'polymodal --help' for the list")
     module, attr = COMMANDS[name]
     fn = getattr(importlib.import_module(module), attr)
-    args = build_parser(name, fn).parse_args(argv)
-    return fn(**vars(args))
+    parser = build_parser(name, fn)
+    trains = "resume" in inspect.signature(fn).parameters
+    if trains:
+        parser.add_argument("--config", metavar="FILE.yaml",
+                            help="read flags from a YAML mapping (flags given on the command line win)")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved flags as YAML and exit (save it as a --config file)")
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        cfg_path = pre.parse_known_args(argv)[0].config
+        defaults = _resume_defaults(argv, parser)
+        if cfg_path:
+            defaults.update(_load_config(cfg_path, parser))
+        if defaults:
+            parser.set_defaults(**defaults)
+            for a in parser._actions:  # a flag the config supplies is no longer required
+                if a.dest in defaults:
+                    a.required = False
+    args = vars(parser.parse_args(argv))
+    if trains:
+        args.pop("config", None)
+        if args.pop("print_config", False):
+            import yaml
+
+            print(yaml.safe_dump({k.replace("_", "-"): v for k, v in args.items()}, sort_keys=False), end="")
+            return None
+    return fn(**args)
 
 
 def main(argv: list[str] | None = None) -> int:

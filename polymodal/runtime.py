@@ -13,11 +13,24 @@ import torch
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else the CPU; a named device that is not here is a ValueError."""
+    if isinstance(device, str) and device not in ("auto",):
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:N, mps)") from None
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(device)
+    dev = torch.device(device)  # a malformed name raises RuntimeError; see below
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build has no usable CUDA (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    return dev
 
 
 @functools.lru_cache(maxsize=None)

@@ -108,10 +108,10 @@ def test_metrics_plot_tensorboard_and_grad_accum(shards, tmp_path):
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
-        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(r)
-        assert r["tokens"] == r["step"] * 8 * 32 * 2 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert {"step", "loss", "lr", "tok_seen", "tok_per_s", "mfu"} <= set(r)
+        assert r["tok_seen"] == r["step"] * 8 * 32 * 2 and r["tok_per_s"] > 0 and 0 < r["mfu"] < 1
     assert [r["step"] for r in recs if "val_loss" in r] == [2, 4]
-    png = (out / "loss.png").read_bytes()
+    png = (out / "curve.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert res["step"] == 4 and Path(res["checkpoint"]).name == "step-0000004"
@@ -195,7 +195,7 @@ def test_quickstart_smoke(tmp_path, monkeypatch):
     assert saved["steps"] == 3 and math.isfinite(saved["val_loss"])
     assert saved["ngram_baseline"]["order"] == 3 and 0 < saved["ngram_baseline"]["val_loss"] < 4.2
     assert len(saved["sample"]) >= 450  # 500 characters (a few may decode as multi-char <unk>)
-    for f in ("metrics.jsonl", "loss.png", "checkpoints/latest"):
+    for f in ("metrics.jsonl", "curve.png", "checkpoints/latest"):
         assert (tmp_path / "qs" / f).is_file()
     assert s["val_loss"] == saved["val_loss"]
     with pytest.raises(FileNotFoundError, match="POLYMODAL_DATA"):

@@ -22,13 +22,41 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
 
 
+_POSITION_NAMES = ("pos_embed", "position", "wpe", "cls_token", "dist_token", "register_tokens", "logit_scale",
+                   "temperature", "relative_attention_bias", "rel_bias")
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names listed by ``no_weight_decay()`` anywhere in the model (timm's convention: a module
+    returns names relative to itself; a submodule's are prefixed with its path)."""
+    out: set[str] = set()
+    for mname, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            for n in fn():
+                out.add(f"{mname}.{n}" if mname else n)
+    return out
+
+
+def decays(full_name: str, p: torch.Tensor, module: nn.Module, listed: set[str]) -> bool:
+    """The one weight-decay rule: decay the weight matrices of linear and conv layers; never
+    biases, norm gains, embedding tables, positions (learned tables, class tokens, scales and
+    relative biases), any 1-D parameter, or what the model lists in ``no_weight_decay()``."""
+    pname = full_name.rsplit(".", 1)[-1]
+    if p.ndim < 2 or pname.endswith("bias") or _is_norm(module) or full_name in listed:
+        return False
+    if isinstance(module, nn.Embedding) or "pos" in type(module).__name__.lower():
+        return False
+    return not any(k in part for part in full_name.split(".") for k in _POSITION_NAMES)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Splits trainable parameters into a decayed group (weight matrices of Linear/conv layers)
-    and a non-decayed one (biases, norm gains, embeddings, every 1-D parameter).
+    """Splits trainable parameters into a decayed group and a non-decayed one (:func:`decays`).
 
     Tied parameters (lm_head tied to wte) appear once, classified by their first owner
-    (the embedding), so the tied matrix is not decayed.
+    (the embedding), so the tied matrix is not decayed. Frozen parameters are left out.
     """
+    listed = no_weight_decay_names(model)
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     seen: set[int] = set()
@@ -38,25 +66,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            embedding = isinstance(module, nn.Embedding) or "pos" in type(module).__name__.lower()
-            if p.ndim < 2 or pname.endswith("bias") or _is_norm(module) or embedding:
-                no_decay.append(p)
-                no_decay_names.append(full)
-            else:
+            if decays(full, p, module, listed):
                 decay.append(p)
                 decay_names.append(full)
-    return [
+            else:
+                no_decay.append(p)
+                no_decay_names.append(full)
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "names": decay_names},
         {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
     ]
+    return [g for g in groups if g["params"]] or groups[:1]
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-               eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+               eps: float = 1e-8, fused: bool | None = None, groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the fused (one kernel for all tensors) or foreach
     (multi-tensor) implementation where the device supports it, since the per-parameter
     python loop dominates the optimizer step of small models."""
-    groups = param_groups(model, weight_decay)
+    groups = groups if groups is not None else param_groups(model, weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters (everything is frozen)")
     device = next(model.parameters()).device
     kw: dict = {}
     sig = inspect.signature(torch.optim.AdamW).parameters
