@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .textio import read_utf8
 from .images import ImageLoadError, ImageProcessor, load_image, shortest_edge_size, RESAMPLE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -40,10 +41,7 @@ class ImageCaptions:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+    return read_utf8(path).splitlines()  # errors name the file (and the line of a bad byte)
 
 
 def load_flickr8k(root: str | Path, split: str = "train", captions_file: str = "captions.txt",
@@ -63,11 +61,15 @@ def load_flickr8k(root: str | Path, split: str = "train", captions_file: str = "
         by_image.setdefault(name.strip(), []).append(caption.strip())
     if split == "all":
         names = list(by_image)
+        if not names:
+            raise ValueError(f"{cap_path}: no captions")
     else:
         split_path = root / (split if split.endswith(".txt") else f"{split}.txt")
         if not split_path.is_file():
             raise FileNotFoundError(f"{split_path}: no such split list (choose train, val or all)")
         names = [s.strip() for s in _read_lines(split_path) if s.strip()]
+        if not names:
+            raise ValueError(f"{split_path}: empty split list (no image names)")
     missing = [s for s in names if s not in by_image]
     if missing:
         raise ValueError(f"{cap_path}: no captions for {len(missing)} image(s) of split {split!r}, "
@@ -79,9 +81,7 @@ def load_coco_captions(path: str | Path, image_root: str | Path | None = None) -
     """COCO-captions JSON -> one ``ImageCaptions`` per image that has at least one caption."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+        d = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or "images" not in d or "annotations" not in d:

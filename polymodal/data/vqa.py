@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import re
 from pathlib import Path
 from typing import Sequence
+
+from .textio import read_utf8
 
 
 @dataclasses.dataclass
@@ -42,11 +45,9 @@ class VQAExample:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read ({e.strerror or e})") from None
+        return json.loads(read_utf8(path))  # a bad byte: "path:LINE: not valid UTF-8"
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def _check_image(image: Path, where: str, seen: dict[Path, bool]) -> Path:
@@ -85,6 +86,8 @@ def load_easy_vqa(root: str | Path, split: str = "train") -> list[VQAExample]:
     rows = _read_json(qpath)
     if not isinstance(rows, list):
         raise ValueError(f"{qpath}: expected a JSON list of [question, answer, image_id]")
+    if not rows:
+        raise ValueError(f"{qpath}: empty split, no questions")
     seen: dict[Path, bool] = {}
     out = []
     for i, row in enumerate(rows):
@@ -108,7 +111,7 @@ def load_daquar(root: str | Path, split: str = "train") -> list[VQAExample]:
         raise FileNotFoundError(f"{path}: no such file (DAQUAR split {split!r})")
     seen: dict[Path, bool] = {}
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = {"question", "answer", "image_id"} - set(reader.fieldnames or ())
         if missing:
@@ -123,6 +126,8 @@ def load_daquar(root: str | Path, split: str = "train") -> list[VQAExample]:
             image = _check_image(root / "images" / name, where, seen)
             out.append(VQAExample(image, _question(row.get("question"), where),
                                   [_answer(row.get("answer"), where)], f"{split}-{reader.line_num}"))
+    if not out:
+        raise ValueError(f"{path}:1: header only, no questions")
     return out
 
 
@@ -159,6 +164,8 @@ def load_vqav2(questions: str | Path, annotations: str | Path | None = None,
     qd = _read_json(qpath)
     if not isinstance(qd, dict) or not isinstance(qd.get("questions"), list):
         raise ValueError(f"{qpath}: a VQAv2 questions file needs a 'questions' list")
+    if not qd["questions"]:
+        raise ValueError(f"{qpath}: empty 'questions' list")
     subtype = qd.get("data_subtype")
     if not subtype:
         m = _SUBTYPE.search(qpath.name) or _SUBTYPE.search(split)
