@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from polymodal.eval.fewshot import fewshot_cmd
+from polymodal.commands.fewshot import fewshot_cmd
 
 
 def main() -> None:

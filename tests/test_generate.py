@@ -315,7 +315,7 @@ def test_beam_search_batched_equals_alone_and_beats_greedy():
 # -- the CLI command ---------------------------------------------------------------------------------
 
 def test_generate_command_streams_the_same_text_as_generate_text(tmp_path, capsys):
-    from polymodal.generate.commands import generate_cmd
+    from polymodal.commands.generate import generate_cmd
     from polymodal.models.registry import save_model
     from polymodal.tokenizers import train_char_tokenizer
 

@@ -358,7 +358,8 @@ def test_chat_cmd_reads_piped_stdin(tmp_path, monkeypatch, capsys):
     """`polymodal chat` with piped input: multi-turn history, /reset, /exit; stops at <|im_end|>."""
     import io
 
-    from polymodal.chat import ChatSession, chat_cmd
+    from polymodal.commands.chat import chat_cmd
+    from polymodal.generate.chat import ChatSession
 
     path = write_gguf(tmp_path / "tiny.gguf", _tiny_model())
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nthe the\n/reset\nagain\n/exit\nnever read\n"))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from polymodal.models.ngram import (FALLBACK_DISCOUNTS, KneserNeyLM, char_baseline, char_vocab,
-                                    encode_chars, modified_kn_discounts, ngram_cmd)
+                                    encode_chars, modified_kn_discounts)
+from polymodal.commands.ngram import ngram_cmd
 
 DATA = Path("/work/shared/data/tiny_shakespeare")
 

@@ -91,7 +91,7 @@ def test_greedy_tokens_match_transformers(ours, reference):
 
 def test_chat_answers_paris(ours):
     (model, tok), _ = ours
-    from polymodal.chat import ChatSession
+    from polymodal.generate.chat import ChatSession
 
     session = ChatSession(model, tok, temperature=0.0, max_new_tokens=24)
     answer = session.reply("What is the capital of France?")

@@ -161,7 +161,8 @@ def test_bf16_autocast_trains(shards, tmp_path):
 def test_train_command_from_yaml_and_overrides(shards, tmp_path):
     import yaml
 
-    from polymodal.train.commands import load_recipe, train as train_cmd
+    from polymodal.commands.train import train as train_cmd
+    from polymodal.train.recipes import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(nano_recipe(shards, max_steps=50)))
@@ -180,7 +181,7 @@ def test_quickstart_smoke(tmp_path, monkeypatch):
     """The quickstart end to end on a slice of the text: shards, n-gram baseline, training, sample, summary."""
     import yaml
 
-    from polymodal.train.quickstart import quickstart
+    from polymodal.commands.quickstart import quickstart
 
     data = tmp_path / "tiny_shakespeare"
     data.mkdir()

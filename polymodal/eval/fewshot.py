@@ -274,38 +274,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['k']:>3}  {r['accuracy']:>8.3f}  {r['majority']:>8.3f}  {r['pred_positive_rate']:>8.3f}"
                      f"  {r['n']:>5}  {r['seconds']:>8.1f}")
     return "\n".join(lines)
-
-
-def fewshot_cmd(task: str = "sst2", k: list[int] = [0, 1, 4, 8], n_eval: int = 200, model: str | None = None,
-                seed: int = 0, data_dir: str | None = None, batch_size: int = 8,
-                normalize: Literal["none", "token", "char"] = "none") -> list[dict]:
-    """k-shot in-context classification by label likelihood (GPT-3 sec. 2.4); prints accuracy per k.
-
-    Args:
-        task: task name (sst2).
-        k: numbers of demonstrations to evaluate.
-        n_eval: validation examples to classify (the first n of the split).
-        model: polymodal folder, Hugging Face folder or .gguf file; default SmolLM2-135M-Instruct.
-        seed: seed for drawing the demonstrations.
-        data_dir: folder holding the task's train/val files (default the shared data folder).
-        batch_size: sequences per forward pass.
-        normalize: none | token | char (length normalisation of the candidate log-likelihood).
-    """
-    from ..data.tasks import load_split
-    from ..interop import load
-
-    lm, tok = load(model)
-    lm.eval()
-    if tok is None:
-        raise ValueError(f"the checkpoint {model!r} carries no tokenizer")
-    train = load_split(task, "train", data_dir)
-    val = load_split(task, "val", data_dir)
-    rows = []
-    for kk in k:
-        rows.append(fewshot_classify(lm, tok, task, kk, seed, n_eval, data_dir, batch_size=batch_size,
-                                     normalize=normalize, train=train, val=val))
-        print(f"k={kk}: accuracy {rows[-1]['accuracy']:.3f} ({rows[-1]['seconds']:.1f}s)", flush=True)
-    print(f"\n{task}, seed {seed}, first {rows[0]['n']} validation examples; majority = always the train "
-          f"split's most frequent label")
-    print(format_table(rows))
-    return rows

@@ -53,22 +53,24 @@ def _same_length(hyps: Sequence[str], refs: Sequence[str]) -> None:
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references: they must align line by line")
 
 
-def _read_lines(path: str) -> list[str]:
+def read_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 file (a non-UTF-8 byte is reported with its file and line)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: file not found")
-    return p.read_text(encoding="utf-8").splitlines()
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{p}:{line}: not valid UTF-8 ({e.reason})") from None
 
 
-def score_text_cmd(hypotheses: str, references: str, metric: Literal["bleu", "rouge"] = "bleu") -> dict:
-    """Scores a file of outputs against a file of references (one per line): BLEU and chrF, or ROUGE.
+def bleu_signature(hypotheses: Sequence[str], references: Sequence[str]) -> str:
+    """sacreBLEU's signature for the corpus BLEU above (references, tokenizer, smoothing, version),
+    so a reported BLEU can be compared with another paper's."""
+    from sacrebleu.metrics import BLEU
 
-    Args:
-        hypotheses: system outputs, one per line (e.g. from `polymodal translate` / `summarize`).
-        references: references, one per line, aligned with the hypotheses.
-        metric: bleu (sacreBLEU BLEU + chrF) or rouge (ROUGE-1/2/L F1 with stemming).
-    """
-    hyps, refs = _read_lines(hypotheses), _read_lines(references)
-    scores = bleu_chrf(hyps, refs) if metric == "bleu" else rouge(hyps, refs)
-    print("  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    return scores
+    bleu = BLEU()
+    bleu.corpus_score(list(hypotheses), [list(references)])
+    return str(bleu.get_signature())

@@ -59,7 +59,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-__all__ = ["KneserNeyLM", "char_baseline", "ngram_cmd", "char_vocab", "encode_chars",
+__all__ = ["KneserNeyLM", "char_baseline", "char_vocab", "encode_chars",
            "modified_kn_discounts", "FALLBACK_DISCOUNTS"]
 
 # KenLM's --discount_fallback values, used when (D) is undefined or out of range.
@@ -391,28 +391,3 @@ def char_baseline(train_text: str, val_text: str, order: int = 5) -> dict:
     t2 = time.perf_counter()
     return {"cross_entropy": ce, "perplexity": math.exp(ce), "order": int(order), "vocab_size": V,
             "n_unk": int(np.count_nonzero(val == V - 1)), "fit_s": t1 - t0, "eval_s": t2 - t1}
-
-
-def ngram_cmd(train: str, val: str, order: int = 5, level: Literal["char"] = "char") -> dict:
-    """Fit a modified Kneser-Ney n-gram LM and print its val cross-entropy (nats/char) and perplexity.
-
-    Args:
-        train: training text file (UTF-8)
-        val: held-out text file (UTF-8); chars unseen in train map to <unk>
-        order: n-gram order (context = order-1 previous tokens)
-        level: tokenisation level (only "char")
-    """
-    if level != "char":
-        raise ValueError(f"ngram: level must be 'char', got {level!r}")
-    texts = []
-    for p in (train, val):
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"ngram: no such file {path}")
-        texts.append(path.read_text(encoding="utf-8"))
-    r = char_baseline(texts[0], texts[1], order=order)
-    print(json.dumps({"order": r["order"], "vocab_size": r["vocab_size"],
-                      "val_cross_entropy_nats_per_char": round(r["cross_entropy"], 6),
-                      "val_perplexity": round(r["perplexity"], 6), "n_unk": r["n_unk"],
-                      "fit_s": round(r["fit_s"], 3), "eval_s": round(r["eval_s"], 3)}))
-    return r

@@ -1,4 +1,4 @@
-"""``polymodal quickstart``: a character-level GPT on Tiny Shakespeare in minutes on a CPU.
+"""The quickstart recipe (``polymodal quickstart``): a character-level GPT on Tiny Shakespeare in minutes on a CPU.
 
 The worked example of Karpathy's char-rnn / nanoGPT "shakespeare_char": tokenise the text into
 its 65 characters, train a small pre-LN GPT (Radford et al., 2019) with the next-character
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .commands import REPO_ROOT, load_recipe
+from .recipes import REPO_ROOT, load_recipe
 
 TARGET_VAL = 1.89  # the reference recipe's val loss; summary.json records when we reach it
 
@@ -77,45 +77,42 @@ def sample(model, tokenizer, n_chars: int = 500, seed: int = 1337, temperature: 
     return tokenizer.decode(out)
 
 
-def quickstart(minutes: float = 10.0, recipe: str = "configs/shakespeare-char.yaml", out: str = "runs/quickstart",
-               data: str = "../shared/data/tiny_shakespeare", seed: int = 1337, ngram_order: int = 5,
-               max_steps: int | None = None) -> dict:
-    """Train a character-level GPT on Tiny Shakespeare within a time budget and compare it with an n-gram model.
-
-    Args:
-        minutes: training time budget (the final eval, checkpoint and sample come after it)
-        recipe: YAML recipe (resolved against the repo's configs/)
-        out: run folder (checkpoints, metrics.jsonl, loss.png, summary.json)
-        data: folder with train.txt and val.txt (also found via $POLYMODAL_DATA or ../shared/data)
-        seed: random seed (initialisation, batches, sampling)
-        ngram_order: order of the Kneser-Ney character baseline (0 skips it)
-        max_steps: optional step limit (for smoke tests; the time budget still applies)
-    """
+def prepare_char_shards(src: Path, shards: Path) -> None:
+    """Character shards of train.txt (+ val.txt as the val split), reused when already made from it."""
     from ..data import prepare
-    from .loop import Trainer
 
-    t_start = time.perf_counter()
-    src = resolve_data(data)
-    out_path = Path(out)
-    shards = out_path / "data"
     train_txt, val_txt = src / "train.txt", src / "val.txt"
     meta_path = shards / "meta.json"
     fresh = meta_path.is_file() and json.loads(meta_path.read_text()).get("sources") == [str(train_txt)]
     if not fresh:
         prepare([str(train_txt)], str(shards), tokenizer="char", val=str(val_txt))
 
-    baseline = None
-    if ngram_order:
-        try:
-            from ..models.ngram import char_baseline
-        except ImportError:  # the n-gram module is optional for the quickstart
-            char_baseline = None
-        if char_baseline is not None:
-            baseline = char_baseline(train_txt.read_text(encoding="utf-8"), val_txt.read_text(encoding="utf-8"),
-                                     order=ngram_order)
-            print(f"{ngram_order}-gram Kneser-Ney baseline: val {baseline['cross_entropy']:.4f} nats/char", file=sys.stderr)
 
-    d = load_recipe(recipe, data=str(shards), seed=seed, max_minutes=minutes, max_steps=max_steps)
+def ngram_baseline(src: Path, order: int) -> dict | None:
+    """The character Kneser-Ney model of the same order on the same split (None: order 0)."""
+    if not order:
+        return None
+    from ..models.ngram import char_baseline
+
+    b = char_baseline((src / "train.txt").read_text(encoding="utf-8"), (src / "val.txt").read_text(encoding="utf-8"),
+                      order=order)
+    print(f"{order}-gram Kneser-Ney baseline: val {b['cross_entropy']:.4f} nats/char", file=sys.stderr)
+    return b
+
+
+def run_quickstart(minutes: float = 10.0, recipe: str = "configs/shakespeare-char.yaml", out: str = "runs/quickstart",
+                   data: str = "../shared/data/tiny_shakespeare", seed: int = 1337, ngram_order: int = 5,
+                   max_steps: int | None = None, device: str | None = None) -> dict:
+    """Prepares the shards, fits the n-gram baseline, trains within ``minutes``, scores all of
+    val.txt, samples 500 characters; writes and returns ``summary.json``."""
+    from .loop import Trainer
+
+    t_start = time.perf_counter()
+    src, out_path = resolve_data(data), Path(out)
+    prepare_char_shards(src, out_path / "data")
+    baseline = ngram_baseline(src, ngram_order)
+    d = load_recipe(recipe, data=str(out_path / "data"), seed=seed, max_minutes=minutes, max_steps=max_steps,
+                    device=device)
     trainer = Trainer(d, out_path, overwrite=True)
     try:
         res = trainer.fit()
@@ -125,9 +122,7 @@ def quickstart(minutes: float = 10.0, recipe: str = "configs/shakespeare-char.ya
         hist = trainer.history
     finally:
         trainer.close()
-
     reached = next((r for r in hist if r.get("val_loss", math.inf) <= TARGET_VAL), None)
-    n_params = sum(p.numel() for p in model.parameters())
     summary = {
         "val_loss": val_full,  # all of val.txt
         "val_loss_eval_windows": res["val_loss"],  # the trainer's fixed random val windows
@@ -138,17 +133,11 @@ def quickstart(minutes: float = 10.0, recipe: str = "configs/shakespeare-char.ya
         "seconds_to_target": reached["elapsed_s"] if reached else None,
         "step_at_target": reached["step"] if reached else None,
         "steps": res["step"], "tokens": res["tokens"], "train_seconds": res["elapsed_s"],
-        "stop_reason": res["stop_reason"], "params": n_params, "model": model.config.to_dict(),
-        "dtype": trainer.dtype, "threads": torch.get_num_threads(), "recipe": trainer.cfg.to_dict(),
-        "checkpoint": res["checkpoint"], "total_seconds": time.perf_counter() - t_start, "sample": text,
+        "stop_reason": res["stop_reason"], "params": sum(p.numel() for p in model.parameters()),
+        "model": model.config.to_dict(), "dtype": trainer.dtype, "threads": torch.get_num_threads(),
+        "recipe": trainer.cfg.to_dict(), "checkpoint": res["checkpoint"],
+        "total_seconds": time.perf_counter() - t_start, "sample": text, "load_average": list(os.getloadavg()),
         "note": "wall-clock numbers depend on the machine and its load",
     }
     (out_path / "summary.json").write_text(json.dumps(summary, indent=2))
-    base = f" | {baseline['order']}-gram KN baseline {baseline['cross_entropy']:.4f}" if baseline else ""
-    hit = (f"reached {TARGET_VAL} after {reached['elapsed_s']:.0f} s (step {reached['step']})" if reached
-           else f"did not reach {TARGET_VAL}")
-    print(f"\n--- sample ({len(text)} chars) ---\n{text}\n---", file=sys.stderr)
-    print(f"val loss {val_full:.4f} nats/char on val.txt after {res['step']} steps / {res['elapsed_s']:.0f} s{base}; {hit}",
-          file=sys.stderr)
-    print(f"run folder: {out_path} (summary.json, metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)
     return summary

@@ -465,8 +465,9 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        if self.args.minutes and (self.planned_steps is None or not self.args.max_steps):
-            # the wall clock ends the run: the bar counts seconds of the budget, so its ETA is honest
+        if self.args.minutes:
+            # a wall-clock budget: the bar counts its seconds, so the ETA is honest from the start
+            # (a step count would show e.g. 0/100000 and a made-up ETA until the speed is known)
             total = self.args.minutes * 60
             return tqdm(total=round(total), initial=min(round(self.elapsed_before), round(total)), unit="s",
                         desc=self.task.name, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s "

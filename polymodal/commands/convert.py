@@ -14,7 +14,7 @@ def convert_cmd(out: str, src: str | None = None, to: Literal["polymodal", "hf"]
         to: "polymodal" (config.json with "family" + model.safetensors) or "hf" (loads in transformers).
         model_type: for --to hf, force the Hugging Face model_type (gpt2, llama, qwen2); default: inferred.
     """
-    from . import convert
+    from ..interop import convert
 
     path = convert(src, out, to=to, model_type=model_type)
     print(f"wrote {path}")

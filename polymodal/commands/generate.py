@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 
 def _load(model: str | None, device: str, dtype: str):
     """(model, tokenizer) through ``polymodal.load`` (any supported checkpoint)."""
@@ -45,14 +43,15 @@ def generate_cmd(
         dtype: float32, bfloat16, float16 or auto (as stored).
         num_beams: beam search width (1 = sampling/greedy; beams are not streamed).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..runtime import pick_device
+
+    device = str(pick_device(device))
     m, tok = _load(model, device, dtype)
     if tok is None:
         raise ValueError(f"checkpoint {model or '(default)'} has no tokenizer files; generate needs one")
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
               repetition_penalty=repetition_penalty, seed=seed, num_beams=num_beams)
-    from .decode import generate_text, stream_text
+    from ..generate.decode import generate_text, stream_text
 
     if stream and num_beams == 1:
         pieces = []
