@@ -59,10 +59,10 @@ def load_flickr8k(root: str | Path, split: str = "train", captions_file: str = "
         if not sep or not hash_ or not caption.strip():
             raise ValueError(f"{cap_path}:{n}: expected '<image>#<k><TAB><caption>', got {line[:80]!r}")
         by_image.setdefault(name.strip(), []).append(caption.strip())
+    if not by_image:
+        raise ValueError(f"{cap_path}: no captions (expected '<image>#<k><TAB><caption>' lines)")
     if split == "all":
         names = list(by_image)
-        if not names:
-            raise ValueError(f"{cap_path}: no captions")
     else:
         split_path = root / (split if split.endswith(".txt") else f"{split}.txt")
         if not split_path.is_file():
@@ -132,6 +132,8 @@ def load_labeled_images(path: str | Path, split: str = "val") -> tuple[list[Path
                 raise ValueError(f"{path}:{n}: expected '<image path><TAB><class>', got {line[:80]!r}")
             images.append(path.parent / rel.strip())
             labels.append(label.strip())
+        if not images:
+            raise ValueError(f"{path}: no '<image path><TAB><class>' lines")
         return images, labels
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such image folder or TSV file")
@@ -139,10 +141,11 @@ def load_labeled_images(path: str | Path, split: str = "val") -> tuple[list[Path
     if subdirs:
         images, labels = [], []
         for d in subdirs:
-            for f in sorted(d.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(f)
-                    labels.append(d.name)
+            files = [f for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            if not files:  # a class without examples is a mistake in the data, not a class to ignore
+                raise ValueError(f"{d}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files)")
+            images += files
+            labels += [d.name] * len(files)
         return images, labels
     images = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -156,30 +159,39 @@ class CaptionDataset:
     Args:
         records: from ``load_flickr8k`` / ``load_coco_captions``.
         processor: the model's ``ImageProcessor`` (size, mean/std).
-        skip_bad: drop images that fail to load with a warning (default: raise ``ImageLoadError``).
+        skip_bad: drop images that fail to load, with one warning giving their count (default: raise
+            ``ImageLoadError`` naming the file).
         cache_size: short side the images are kept at (default: 1.15 x the input size).
+        progress: a progress bar while decoding (thousands of JPEGs take a while: a set-up phase of its own).
+        desc: the bar's label.
     """
 
     def __init__(self, records: Sequence[ImageCaptions], processor: ImageProcessor, skip_bad: bool = False,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, progress: bool = False, desc: str = "decode images"):
+        from tqdm.auto import tqdm
+
         self.processor = processor
         size = cache_size or int(round(processor.image_size * 1.15))
         self.records: list[ImageCaptions] = []
         self.images: list[Image.Image] = []
-        for r in records:
+        bad: list[str] = []
+        for r in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True):
             try:
                 im = load_image(r.image)
             except ImageLoadError as e:
                 if not skip_bad:
                     raise
-                warnings.warn(f"skipping {e}", stacklevel=2)
+                bad.append(str(e))
                 continue
             if min(im.size) > size:  # shrink once; crops and the eval resize then work on this copy
                 im = im.resize(shortest_edge_size(*im.size, size), RESAMPLE["bicubic"])
             self.records.append(r)
             self.images.append(im)
+        if bad:
+            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(records)} (first: {bad[0]})", stacklevel=2)
         if not self.records:
-            raise ValueError("no usable images in the caption dataset")
+            raise ValueError(f"no usable images in the caption dataset ({len(records)} listed"
+                             + (f", none readable; first: {bad[0]})" if bad else ")"))
 
     def __len__(self) -> int:
         return len(self.records)
