@@ -285,6 +285,61 @@ class _Run:
         return out, stopped
 
     # -- beam search -----------------------------------------------------------------------------
+    def _beam_prefill(self, ids, mask, expand, b: int, nb: int, n_new: int):
+        """Logits of the prompts' last positions, one row per beam, and the cache (or the
+        expanded inputs to recompute from when ``use_cache`` is off)."""
+        if not self.use_cache:
+            full_ids = ids.index_select(0, expand)
+            full_mask = mask.index_select(0, expand) if mask is not None else None
+            return self.forward(full_ids, full_mask, None), None, full_ids, full_mask
+        # Prefill each prompt once, then copy its cache rows to its beams.
+        cache = self.model.new_cache(b, ids.shape[1] + n_new)
+        kw, self.model_kwargs = self.model_kwargs, {
+            k: (v[::nb] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b * nb else v)
+            for k, v in self.model_kwargs.items()}
+        logits = self.forward(ids, mask, cache)
+        self.model_kwargs = kw
+        cache.reorder(expand)
+        return logits.index_select(0, expand), cache, None, None
+
+    @staticmethod
+    def _add_hyp(hyps: list, nb: int, score: float, tokens: list[int]) -> None:
+        hyps.append((score, tokens))
+        hyps.sort(key=lambda h: -h[0])
+        del hyps[nb:]
+
+    def _select_beams(self, i: int, scores: list[float], idxs: list[int], v: int, gen: list[list[int]],
+                      finished: list, n_gen: int, eos: set[int]) -> tuple[list[int], list[int], list[float], bool]:
+        """The nb live beams of prompt ``i`` from its top candidates (EOS candidates in the top nb
+        become finished hypotheses), and whether the prompt is done."""
+        nb, n_new, lp = self.num_beams, self.max_new_tokens, self.length_penalty
+        src, tok, sc = [], [], []
+        for rank, (s, idx) in enumerate(zip(scores, idxs)):
+            if s == NEG_INF or len(src) == nb:
+                break
+            b_src, t = i * nb + idx // v, idx % v
+            if t in eos:
+                if rank < nb:  # an EOS outside the top nb would not have been a beam
+                    self._add_hyp(finished, nb, s / n_gen ** lp, gen[b_src])
+                continue
+            src.append(b_src)
+            tok.append(t)
+            sc.append(s)
+        while len(src) < nb:  # fewer live candidates than beams (tiny vocab / bans)
+            src.append(i * nb)
+            tok.append(self.pad)
+            sc.append(NEG_INF)
+        # Done when nb hypotheses are finished and no live beam can still beat the worst:
+        # a continuation only lowers the sum s (< 0); its best score is s / n**lp with
+        # n = the longest length (lp > 0) or the next length (lp <= 0).
+        best_live = max(sc)
+        if best_live == NEG_INF:
+            return src, tok, sc, True
+        if len(finished) == nb:
+            n_bound = n_new if lp > 0 else n_gen + 1
+            return src, tok, sc, finished[-1][0] >= best_live / n_bound ** lp
+        return src, tok, sc, False
+
     def beam(self) -> list[list[int]]:
         nb, n_new = self.num_beams, self.max_new_tokens
         b = len(self.prompts)
@@ -292,27 +347,13 @@ class _Run:
             raise ValueError("stop strings are not supported with beam search (num_beams > 1)")
         if n_new == 0:
             return [[] for _ in range(b)]
-        proc = self.processor
-        dev = self.device
+        proc, dev = self.processor, self.device
         ids, mask = _left_pad(self.prompts, self.pad, dev)
         expand = torch.arange(b, device=dev).repeat_interleave(nb)
         # Per-row tensors in model_kwargs (e.g. encoder memory) follow their beams.
         self.model_kwargs = {k: (v.index_select(0, expand) if isinstance(v, torch.Tensor) and v.dim() > 0
                                  and v.shape[0] == b else v) for k, v in self.model_kwargs.items()}
-        if self.use_cache:
-            # Prefill each prompt once, then copy its cache rows to its beams.
-            cache = self.model.new_cache(b, ids.shape[1] + n_new)
-            kw, self.model_kwargs = self.model_kwargs, {
-                k: (v[::nb] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b * nb else v)
-                for k, v in self.model_kwargs.items()}
-            logits = self.forward(ids, mask, cache)
-            self.model_kwargs = kw
-            cache.reorder(expand)
-            logits = logits.index_select(0, expand)
-        else:
-            full_ids = ids.index_select(0, expand)
-            full_mask = mask.index_select(0, expand) if mask is not None else None
-            logits = self.forward(full_ids, full_mask, None)
+        logits, cache, full_ids, full_mask = self._beam_prefill(ids, mask, expand, b, nb, n_new)
         seqs = [list(self.prompts[i // nb]) for i in range(b * nb)]  # prompt + generated, per beam
         gen: list[list[int]] = [[] for _ in range(b * nb)]
         state = proc.new_state(seqs, logits.shape[-1], dev)
@@ -322,65 +363,22 @@ class _Run:
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
         done = [False] * b
         eos = set(self.eos)
-        lp = self.length_penalty
-
-        def add_hyp(i: int, score: float, tokens: list[int]):
-            hyps = finished[i]
-            hyps.append((score, tokens))
-            hyps.sort(key=lambda h: -h[0])
-            del hyps[nb:]
-
         for step in range(n_new):
-            logp = proc.penalize(logits, state)
-            logp = _no_repeat_ngram_ban(logp, seqs, self.no_repeat)
-            logp = logp.log_softmax(-1)
+            logp = _no_repeat_ngram_ban(proc.penalize(logits, state), seqs, self.no_repeat).log_softmax(-1)
             v = logp.shape[-1]
             cand = (beam_scores.view(-1, 1) + logp).view(b, nb * v)
-            k = min(2 * nb, nb * v)  # 2*nb candidates: enough to refill nb beams even if nb end in EOS
-            top_scores, top_idx = cand.topk(k, dim=-1)
-            top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
-            new_src: list[int] = []
-            new_tok: list[int] = []
-            new_scores: list[float] = []
-            n_gen = step + 1
+            # 2*nb candidates: enough to refill nb beams even if nb of them end in EOS
+            top_scores, top_idx = (t.tolist() for t in cand.topk(min(2 * nb, nb * v), dim=-1))
+            new_src, new_tok, new_scores = [], [], []
             for i in range(b):
                 if done[i]:  # keep shapes: feed padding to a finished prompt's beams
-                    new_src += [i * nb] * nb
-                    new_tok += [self.pad] * nb
-                    new_scores += [NEG_INF] * nb
-                    continue
-                picked = 0
-                for rank, (s, idx) in enumerate(zip(top_scores[i], top_idx[i])):
-                    if s == NEG_INF:
-                        break
-                    src, t = i * nb + idx // v, idx % v
-                    if t in eos:
-                        if rank < nb:  # an EOS outside the top nb would not have been a beam
-                            add_hyp(i, s / n_gen ** lp, gen[src])
-                        continue
-                    new_src.append(src)
-                    new_tok.append(t)
-                    new_scores.append(s)
-                    picked += 1
-                    if picked == nb:
-                        break
-                while picked < nb:  # fewer live candidates than beams (tiny vocab / bans)
-                    new_src.append(i * nb)
-                    new_tok.append(self.pad)
-                    new_scores.append(NEG_INF)
-                    picked += 1
-                # Done when nb hypotheses are finished and no live beam can still beat the worst:
-                # a continuation only lowers the sum s (< 0); its best score is s / n**lp with
-                # n = the longest length (lp > 0) or the next length (lp <= 0).
-                best_live = max(new_scores[-nb:])
-                if len(finished[i]) == nb:
-                    if best_live == NEG_INF:
-                        done[i] = True
-                    else:
-                        n_bound = n_new if lp > 0 else n_gen + 1
-                        done[i] = finished[i][-1][0] >= best_live / n_bound ** lp
-                elif best_live == NEG_INF:
-                    done[i] = True
+                    src, tok, sc = [i * nb] * nb, [self.pad] * nb, [NEG_INF] * nb
+                else:
+                    src, tok, sc, done[i] = self._select_beams(i, top_scores[i], top_idx[i], v, gen, finished[i],
+                                                               step + 1, eos)
+                new_src += src
+                new_tok += tok
+                new_scores += sc
             src_t = torch.tensor(new_src, device=dev)
             tok_t = torch.tensor(new_tok, device=dev)
             beam_scores = torch.tensor(new_scores, device=dev).view(b, nb)
@@ -390,7 +388,7 @@ class _Run:
             proc.observe(state, tok_t)
             if all(done) or step == n_new - 1:
                 break
-            if self.use_cache:
+            if cache is not None:
                 cache.reorder(src_t)
                 logits = self.forward(tok_t[:, None], None, cache)
             else:
@@ -401,12 +399,10 @@ class _Run:
         # Prompts that ran out of max_new_tokens: their live beams are hypotheses too.
         scores = beam_scores.tolist()
         for i in range(b):
-            if done[i]:
-                continue
-            for j in range(nb):
-                s = scores[i][j]
-                if s != NEG_INF:
-                    add_hyp(i, s / max(len(gen[i * nb + j]), 1) ** lp, gen[i * nb + j])
+            for j in range(nb) if not done[i] else ():
+                if scores[i][j] != NEG_INF:
+                    self._add_hyp(finished[i], nb, scores[i][j] / max(len(gen[i * nb + j]), 1) ** self.length_penalty,
+                                  gen[i * nb + j])
         return [finished[i][0][1] if finished[i] else [] for i in range(b)]
 
 
