@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     from polymodal.models.gpt import GPTConfig
     from polymodal.models.registry import build_model
     from polymodal.serve.app import create_app
-    from polymodal.serve.commands import ServerThread
+    from polymodal.serve.server import ServerThread
     from polymodal.serve.models import ServedModel
     from polymodal.tokenizers import train_char_tokenizer
 

@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 from polymodal.models.registry import build_model, save_model  # noqa: E402
 from polymodal.serve.app import create_app  # noqa: E402
 from polymodal.serve.cache import SlotKVCache  # noqa: E402
-from polymodal.serve.commands import ServerThread  # noqa: E402
+from polymodal.serve.server import ServerThread  # noqa: E402
 from polymodal.serve.models import ServedModel  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -637,8 +637,6 @@ def test_cli_list_flag_replaces_default():
 
 def test_serve_cli_two_models(tmp_path, monkeypatch):
     """`polymodal serve --model A --model B` serves both: /v1/models lists them and each answers."""
-    import uvicorn
-
     from polymodal import cli
 
     folders = []
@@ -646,10 +644,15 @@ def test_serve_cli_two_models(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         folders.append(_tiny_gpt_folder(tmp_path / name))
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+
+    def fake_serve(app, sock):  # the socket is bound before the models load; don't serve forever
+        started.update(app=app, host=sock.getsockname()[0], port=sock.getsockname()[1])
+        sock.close()
+
+    monkeypatch.setattr("polymodal.serve.server.serve_forever", fake_serve)
     cli.run_command("serve", ["--model", f"first={folders[0]}", "--model", f"second={folders[1]}",
-                              "--max-context", str(CONTEXT), "--port", "8123"])
-    assert started["port"] == 8123 and started["host"] == "127.0.0.1"
+                              "--max-context", str(CONTEXT), "--port", "0"])
+    assert started["port"] > 0 and started["host"] == "127.0.0.1"
     with ServerThread(started["app"]) as srv:
         assert [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]] == ["first", "second"]
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)

@@ -9,7 +9,8 @@ loaded class:
   (mean pooling + L2 normalisation, as all-MiniLM-L6-v2's sentence-transformers
   modules do);
 * ``clip``: ``CLIP.encode_text`` / ``encode_image`` (L2-normalised) with the
-  ``ImageProcessor`` built from the model's own config.
+  ``ImageProcessor`` built from the model's own config; the text tower is a causal CLIP text
+  transformer or a BERT/MiniLM encoder tower (:func:`text_batch` pads either).
 
 * ``generate`` with ``vision = True``: a generative VLM (``models.vlm.VLM``: image tower ->
   projector -> decoder); chat ``image_url`` parts become ``config.image_token`` in the prompt,
@@ -22,6 +23,36 @@ import threading
 from pathlib import Path
 
 import torch
+
+
+def text_batch(text_config, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask) for a CLIP text tower of either kind.
+
+    A causal CLIP text transformer (``clip_text``) is read out at its end-of-text token, so one is
+    appended (and kept when truncating); an Encoder tower (a MiniLM/BERT ``encoder_tower``, what
+    train-clip's default text tower saves) uses the tokenizer's own [CLS] ... [SEP] and keeps its
+    pad id in the nested encoder config. Padding is masked, so a text embeds the same alone or in
+    a batch."""
+    limit = int(getattr(text_config, "block_size", 77))
+    if text_config.family == "clip_text":
+        eos = text_config.eos_token_id if text_config.eos_token_id not in (None, 2) else tokenizer.eos_id
+        pad = text_config.pad_token_id
+    else:
+        eos, pad = None, getattr(getattr(text_config, "encoder_config", None), "pad_token_id", None)
+    rows = []
+    for t in texts:
+        ids = tokenizer.encode(t, add_special_tokens=True)
+        if eos is not None:
+            ids = ids if ids and ids[-1] == eos else ids + [eos]
+            ids = ids[:limit - 1] + [eos] if len(ids) > limit else ids
+        rows.append(ids[:limit] or [tokenizer.pad_id or 0])
+    pad = next((p for p in (tokenizer.pad_id, pad) if p is not None), 0)
+    batch = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for r, ids in enumerate(rows):
+        batch[r, :len(ids)] = torch.tensor(ids)
+        mask[r, :len(ids)] = 1
+    return batch, mask
 
 
 class ServedModel:
@@ -46,17 +77,22 @@ class ServedModel:
 
     @classmethod
     def load(cls, spec: str | None, device: str = "cpu", dtype: str | None = None,
-             context: int | None = None, quantize: str | None = None) -> "ServedModel":
-        from ..interop import load
+             context: int | None = None, quantize: str | None = None, name: str | None = None) -> "ServedModel":
+        """``spec``: ``NAME=PATH`` or ``PATH`` (any ``--model`` the other commands accept: a model
+        folder, a .gguf file, a training run folder, an alias such as ``smollm2``) or None for
+        SmolLM2-135M-Instruct; ``name`` (``--served-model-name``) overrides the name."""
+        from ..interop import load, resolve_model_path
 
-        name, path = None, spec
+        path = spec
         if spec and "=" in spec and not Path(spec).exists():
-            name, path = spec.split("=", 1)
+            given, path = spec.split("=", 1)
+            name = name or given
         if path is None:
             name = name or "SmolLM2-135M-Instruct"
         else:
             p = Path(path)
             name = name or (p.stem if p.is_file() else p.name)
+            path = resolve_model_path(path)  # a run folder -> its model/ (or latest checkpoint)
         model, tok = load(path, device=device, dtype=dtype)
         model.eval()
         if quantize not in (None, "none"):
@@ -97,19 +133,10 @@ class ServedModel:
             if self.kind == "embed":
                 n_tok = sum(len(x) for x in self.encoder.tokenize(texts))
                 return self.encoder.encode(texts, workers=1), n_tok
-            ids = [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
-            limit = self.model.config.text.block_size
-            ids = [x[:limit] for x in ids]
-            pad = self.model.config.text.pad_token_id or 0
-            longest = max(len(x) for x in ids)
-            batch = torch.full((len(ids), longest), pad, dtype=torch.long)
-            mask = torch.zeros(len(ids), longest, dtype=torch.long)
-            for r, x in enumerate(ids):
-                batch[r, :len(x)] = torch.tensor(x)
-                mask[r, :len(x)] = 1
+            batch, mask = text_batch(self.model.config.text, self.tokenizer, texts)
             dev = next(self.model.parameters()).device
             z = self.model.encode_text(batch.to(dev), mask.to(dev), normalize=True)
-            return z.float().cpu(), sum(len(x) for x in ids)
+            return z.float().cpu(), int(mask.sum())
 
     def embed_images(self, images) -> torch.Tensor:
         with self.lock, torch.inference_mode():
@@ -125,3 +152,18 @@ class ServedModel:
     def info(self) -> dict:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "polymodal",
                 "kind": self.kind, "vision": self.vision, "context_length": self.context}
+
+
+def load_served(specs: list[str | None], names: list[str] | None = None, chat_template: str | None = None,
+                **load_kw) -> list[ServedModel]:
+    """``ServedModel.load`` of each ``--model`` spec; ``names`` (``--served-model-name``) rename
+    them in order; ``chat_template`` (the text of a Jinja2 file) replaces the generative models'."""
+    if names and len(names) != len(specs):
+        raise ValueError(f"--served-model-name gives {len(names)} names for {len(specs)} --model values; "
+                         "give one name per model, in order")
+    served = [ServedModel.load(s, name=names[i] if names else None, **load_kw) for i, s in enumerate(specs)]
+    if chat_template is not None:
+        for sm in served:
+            if sm.kind == "generate":
+                sm.tokenizer.chat_template = chat_template
+    return served

@@ -91,7 +91,7 @@ class _Row:
         if req.params.do_sample:
             self.gen = torch.Generator()
             if req.seed is not None:
-                self.gen.manual_seed(req.seed + choice)
+                self.gen.manual_seed((req.seed + choice) % 2 ** 64)  # choice i of seed s: seed s + i, 64-bit
             else:
                 self.gen.seed()
         self.tokens: list[int] = []
