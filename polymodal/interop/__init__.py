@@ -166,17 +166,20 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu",
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     kind = checkpoint_kind(path)
+    from ..models.registry import check_finite, load_model
+
+    if kind == "polymodal":  # load_model verifies trainer_state.json's SHA-256 sums and finiteness
+        return Loaded(load_model(path, device=device, dtype=dtype), _load_tokenizer(path))
     if kind == "gguf":
         from .gguf import load_gguf
 
-        return Loaded(*load_gguf(path, device=device, dtype=dtype))
-    if kind == "polymodal":
-        from ..models.registry import load_model
+        model, tok = load_gguf(path, device=device, dtype=dtype)
+    else:
+        from .hf import load_hf_folder
 
-        return Loaded(load_model(path, device=device, dtype=dtype), _load_tokenizer(path))
-    from .hf import load_hf_folder
-
-    return Loaded(load_hf_folder(path, device=device, dtype=dtype), _load_tokenizer(path))
+        model, tok = load_hf_folder(path, device=device, dtype=dtype), _load_tokenizer(path)
+    check_finite(model.named_parameters(), str(path))
+    return Loaded(model, tok)
 
 
 def convert(src: str | Path | None, out: str | Path, to: Literal["polymodal", "hf"] = "polymodal",

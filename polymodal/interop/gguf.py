@@ -160,6 +160,111 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# ------------------------------------------------------------------------------- header checks
+# GGUF value types (ggml/docs/gguf.md, gguf_metadata_value_type) -> size in bytes; 8 = string, 9 = array.
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+GGML_MAX_DIMS = 4
+
+
+class _HeaderWalker:
+    """Walks a GGUF header checking every count and length against the bytes that remain.
+
+    The ``gguf`` package's reader trusts the counts it reads: an array field claiming 2**60
+    elements makes it loop and allocate without bound. A count or length that the rest of the
+    file cannot hold is refused here, before the file is handed over, so the reader only ever
+    sees a header whose every element exists (its memory is bounded by the file size)."""
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.path, self.pos = path, 0
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: corrupt GGUF header: {what} (at byte {self.pos} of {self.size})")
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} needs {n} bytes but the file ends {self.size - self.pos} bytes later")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def uint(self, fmt: str, what: str) -> int:
+        import struct
+
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, min_item: int, what: str) -> int:
+        n = self.uint("<Q", what)
+        if n * min_item > self.size - self.pos:
+            raise self.fail(f"{what} is {n}, more than the remaining {self.size - self.pos} bytes can hold")
+        return n
+
+    def string(self, what: str) -> bytes:
+        n = self.count(1, f"length of {what}")
+        start = self.take(n, what)
+        return bytes(self.buf[start:start + n])
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _VALUE_SIZES:
+            self.take(_VALUE_SIZES[vtype], what)
+        elif vtype == _STRING:
+            self.count(1, f"string length of {what}")
+            self.pos -= 8
+            self.string(what)
+        elif vtype == _ARRAY and depth < 4:
+            item = self.uint("<I", f"item type of {what}")
+            if item not in _VALUE_SIZES and item not in (_STRING, _ARRAY):
+                raise self.fail(f"{what}: unknown array item type {item}")
+            size = _VALUE_SIZES.get(item, 8)  # a string or array item takes at least its 8-byte count
+            n = self.count(size, f"element count of array {what}")
+            if item in _VALUE_SIZES:
+                self.take(n * size, what)
+            else:
+                for _ in range(n):
+                    self.value(item, what, depth + 1)
+        else:
+            raise self.fail(f"{what}: unknown value type {vtype}")
+
+    def walk(self) -> None:
+        if self.buf[:4] != b"GGUF":
+            raise CheckpointError(f"{self.path}: not a GGUF file (magic {bytes(self.buf[:4])!r}, expected b'GGUF')")
+        self.pos = 4
+        version = self.uint("<I", "version")
+        if version not in (2, 3):
+            raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (versions 2 and 3 are)")
+        n_tensors = self.uint("<Q", "tensor count")
+        n_kv = self.count(13, "metadata key count")  # key length 8 + type 4 + at least 1 byte of value
+        if n_tensors * 24 > self.size - self.pos:  # name length 8, dims 4, type 4, offset 8
+            raise self.fail(f"tensor count {n_tensors} is more than the file can describe")
+        for i in range(n_kv):
+            key = self.string(f"metadata key {i}").decode("utf-8", "replace")
+            self.value(self.uint("<I", f"type of {key!r}"), repr(key))
+        for i in range(n_tensors):
+            name = self.string(f"name of tensor {i}").decode("utf-8", "replace")
+            n_dims = self.uint("<I", f"dimension count of tensor {name!r}")
+            if n_dims > GGML_MAX_DIMS:
+                raise self.fail(f"tensor {name!r} has {n_dims} dimensions (GGML allows {GGML_MAX_DIMS})")
+            for _ in range(n_dims):
+                if self.uint("<Q", f"shape of tensor {name!r}") >= 2 ** 48:
+                    raise self.fail(f"tensor {name!r} has an impossible dimension")
+            self.take(12, f"type and offset of tensor {name!r}")
+
+
+def validate_header(path: str | Path) -> None:
+    """Raises ``CheckpointError`` (naming the file and the field) for a GGUF header whose counts
+    or lengths run past the end of the file; costs one pass over the header's strings."""
+    w = _HeaderWalker(Path(path))
+    try:
+        w.walk()
+    finally:
+        if hasattr(w.buf, "close"):
+            w.buf.close()
+
+
 # --------------------------------------------------------------------------------------- reading
 class GGUFFile:
     """Metadata and lazily dequantised tensors of one GGUF file; every error names the file."""
@@ -168,10 +273,7 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: file not found")
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise CheckpointError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        validate_header(self.path)  # counts and lengths fit the file: the reader cannot run away
         import gguf
 
         try:

@@ -7,6 +7,7 @@ to rebuild the right class: nothing in a checkpoint is ever executed.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,54 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     if hasattr(model, "tie_weights"):  # to_empty() gives tied parameters separate storage
         model.tie_weights()
     sd = load_safetensors(folder / "model.safetensors")
+    verify_checksums(folder, sd)
+    check_finite(sd.items(), str(folder / "model.safetensors"))
     load_into(model, sd, str(folder / "model.safetensors"))
     _rebuild_buffers(model)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()
+
+
+def verify_checksums(folder: Path, sd: dict[str, torch.Tensor]) -> None:
+    """A training checkpoint's ``trainer_state.json`` records the SHA-256 of ``model.safetensors``
+    and of every tensor in it (``train.checkpoint``): a loaded file that does not match raises
+    ``CheckpointError`` naming the file and, where one differs, the tensor. Folders without
+    that record (exports, Hugging Face folders) have nothing to verify."""
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        return
+    expected = (read_json(state_path).get("checksums") or {}).get("model.safetensors")
+    if not isinstance(expected, dict) or "sha256" not in expected:
+        return
+    path = folder / "model.safetensors"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() == expected["sha256"]:
+        return
+    for name, sha in (expected.get("tensors") or {}).items():
+        t = sd.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing (SHA-256 checksum mismatch with {state_path.name})")
+        flat = t.detach().contiguous().reshape(-1)
+        if hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest() != sha:
+            raise CheckpointError(f"{path}: tensor {name!r} does not match its SHA-256 checksum in "
+                                  f"{state_path.name} (the file is corrupt)")
+    raise CheckpointError(f"{path}: SHA-256 checksum mismatch with {state_path.name} (header or metadata corrupt)")
+
+
+def check_finite(named_tensors, source: str) -> None:
+    """Refuses weights holding NaN or inf (a corrupt file, or a run that diverged), naming the
+    tensor: such a model would only print garbage."""
+    for name, t in named_tensors:
+        # the sum is NaN/inf whenever an element is (and is ~20x cheaper than isfinite); only
+        # then, or on an overflowing sum, is the element-wise test run
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) \
+                and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name!r} has {bad} non-finite values (NaN or inf); the "
+                                  "checkpoint is corrupt or its training diverged")
 
 
 def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
