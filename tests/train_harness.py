@@ -117,7 +117,7 @@ def two_ranks_match_one(factory: Callable, factory_kwargs: dict, tmp: Path, atol
     p1 = load_file(str(two / "params-rank1.safetensors"))
     for k in ref:
         assert torch.equal(p0[k], p1[k]), k
-        torch.testing.assert_close(p0[k], ref[k], atol=atol, rtol=0)
+        torch.testing.assert_close(p0[k], ref[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 def loss_falls(out: Path, first_n: int = 3, last_n: int = 3, margin: float = 0.0) -> tuple[float, float]:
