@@ -316,3 +316,20 @@ def test_d11_busy_port(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 2 and f"127.0.0.1:{port}" in out.err and "in use" in out.err, out
     assert "http://" not in out.out  # no playground URL for a server that never listened
+
+
+# -- defect 6: serving is part of the default install; without it, the exact install command ------------
+
+def test_d6_serving_in_default_install_else_the_install_command(monkeypatch, capsys):
+    import tomllib
+    from pathlib import Path
+
+    from polymodal import cli
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    deps = [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]]
+    assert "fastapi" in deps and "uvicorn" in deps
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'fastapi>=0.110' 'uvicorn>=0.29'" in err and "Traceback" not in err
