@@ -11,4 +11,7 @@ def __getattr__(name):  # heavy entry points load lazily so `import polymodal` s
     if name == "generate":
         from .generate import generate
         return generate
+    if name == "pipeline":
+        from .pipelines import pipeline
+        return pipeline
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")
