@@ -333,3 +333,65 @@ def test_d6_serving_in_default_install_else_the_install_command(monkeypatch, cap
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'fastapi>=0.110' 'uvicorn>=0.29'" in err and "Traceback" not in err
+
+
+# -- server flags as vLLM users expect: request log, --served-model-name, --chat-template, --cors-origin -----
+
+def test_request_log_one_record_per_request_without_content(tmp_path):
+    records = []
+    gpt = ServedModel.load(f"tiny={_tiny_gpt_folder(tmp_path)}", context=CONTEXT)
+    with ServerThread(create_app([gpt], request_log=records.append)) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json=_chat_body(messages=[{"role": "user", "content": "SECRET"}]))
+        streamed = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "SECRET", "max_tokens": 4,
+                                                                "stream": True, "stream_options": {"include_usage": True}}).text
+        _err(httpx.post(s.url + "/v1/chat/completions", json={"model": "nope", "messages": []}), 400)
+    assert "[DONE]" in streamed and len(records) == 3
+    chat, stream, bad = records
+    assert chat["id"] == r.headers["x-request-id"] and chat["path"] == "/v1/chat/completions"
+    assert chat["model"] == "tiny" and chat["status"] == 200 and chat["latency_s"] >= 0
+    assert chat["completion_tokens"] == r.json()["usage"]["completion_tokens"]
+    assert chat["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    usage = json.loads([ln for ln in streamed.splitlines() if '"usage"' in ln][-1][6:])["usage"]
+    assert stream["status"] == 200 and stream["completion_tokens"] == usage["completion_tokens"]
+    assert bad["status"] == 400
+    assert "SECRET" not in json.dumps(records)  # never the text without --log-content
+
+
+def test_request_log_content_when_asked(tmp_path):
+    records = []
+    gpt = ServedModel.load(f"tiny={_tiny_gpt_folder(tmp_path)}", context=CONTEXT)
+    with ServerThread(create_app([gpt], request_log=records.append, log_content=True)) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json=_chat_body(messages=[{"role": "user", "content": "SECRET"}]))
+        httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "SECRET", "max_tokens": 4, "stream": True})
+    assert records[0]["request"]["messages"][0]["content"] == "SECRET"
+    assert records[0]["reply"] == [r.json()["choices"][0]["message"]["content"]]
+    assert records[1]["request"]["prompt"] == "SECRET" and len(records[1]["reply"]) == 1
+
+
+def test_serve_cli_flags(tmp_path, monkeypatch, capsys):
+    from polymodal import cli
+
+    folder = _tiny_gpt_folder(tmp_path)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]")
+    started = {}
+
+    def fake_serve(app, sock):
+        started["app"] = app
+        sock.close()
+
+    monkeypatch.setattr("polymodal.serve.server.serve_forever", fake_serve)
+    assert cli.main(["serve", "--model", str(folder), "--served-model-name", "my-model", "--chat-template",
+                     str(template), "--cors-origin", "https://app.example", "--port", "0",
+                     "--max-context", str(CONTEXT)]) == 0
+    state = started["app"].state.server
+    assert list(state.models) == ["my-model"] and state.options.cors_origins == ("https://app.example",)
+    assert state.models["my-model"].tokenizer.chat_template == template.read_text()
+    assert state.options.request_log is not None and not state.options.log_content
+    with ServerThread(started["app"]) as s:
+        r = httpx.post(s.url + "/v1/chat/completions", json={**_chat_body(), "model": "my-model"})
+        assert r.status_code == 200 and r.json()["model"] == "my-model"
+    assert '"model": "my-model"' in capsys.readouterr().out  # the request log line (stdout, JSON)
+    assert cli.main(["serve", "--model", str(folder), "--served-model-name", "a", "b", "--port", "0"]) == 2
+    assert "--served-model-name gives 2 names for 1 --model" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(folder), "--chat-template", str(tmp_path / "none.jinja"), "--port", "0"]) == 2

@@ -122,8 +122,8 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def note(request: Request, **fields) -> None:
+def note(http_request: Request, **fields) -> None:
     """Adds fields (model, token counts, content with --log-content) to this request's log record."""
-    rec = getattr(request.state, "log", None)
+    rec = getattr(http_request.state, "log", None)
     if rec is not None:
         rec.update(fields)

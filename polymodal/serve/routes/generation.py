@@ -161,8 +161,10 @@ def stream_response(request: Request, sm: ServedModel, req: GenRequest, chat: bo
         d = {"id": rid, "object": obj, "created": created, "model": sm.name, "choices": choices}
         return sse(d if usage is None else {**d, "usage": usage})
 
+    texts = [""] * req.n  # the reply, kept only for --log-content
+
     async def events():
-        done, n_tok, texts = 0, 0, [""] * req.n
+        done, n_tok = 0, 0
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -188,13 +190,17 @@ def stream_response(request: Request, sm: ServedModel, req: GenRequest, chat: bo
             if include_usage:
                 p = len(req.prompt)
                 yield chunk([], {"prompt_tokens": p, "completion_tokens": n_tok, "total_tokens": p + n_tok})
+            log_stream(n_tok)  # before the last write: the client may hang up as soon as it has [DONE]
             yield "data: [DONE]\n\n"
         finally:  # client gone (the generator is closed/cancelled) or finished: free the rows
             if done < req.n:
                 req.cancel()
                 record["cancelled"] = True
-            record.update(completion_tokens=n_tok, **({"reply": texts} if state.options.log_content else {}))
-            emit_log(state, record)
+            log_stream(n_tok)
+
+    def log_stream(n_tok: int) -> None:
+        record.update(completion_tokens=n_tok, **({"reply": texts} if state.options.log_content else {}))
+        emit_log(state, record)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
