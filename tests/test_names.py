@@ -63,7 +63,7 @@ def test_run_name_and_unknown_name(tmp_path):
     assert resolve_model_path("quickstart") == run / "model"
     model, tok = polymodal.load("quickstart")
     assert model.config.family == "gpt" and tok is not None
-    with pytest.raises(FileNotFoundError, match=r"nope: .*not a model alias \(minilm, smollm2\).*quickstart"):
+    with pytest.raises(FileNotFoundError, match=r"nope: .*not a model alias \(.*minilm, smollm2\).*quickstart"):
         polymodal.load("nope")
     # an existing folder of the same name still wins over an alias
     here = tmp_path / "smollm2"
