@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(out)
         clip = Path(args.clip)
         if not (clip / "config.json").is_file():
-            from polymodal.vision_commands import train_clip
+            from polymodal.commands.clip import train_clip
 
             minutes = args.clip_minutes if args.clip_minutes is not None else min(20.0, args.minutes)
             print(f"no CLIP checkpoint at {clip}: training one for {minutes} min", flush=True)

@@ -34,14 +34,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cifar", default=str(ROOT.parent / "shared/data/cifar10"))
     ap.add_argument("--flickr", default=str(ROOT.parent / "shared/data/flickr8k"))
-    ap.add_argument("--clip", default=str(ROOT / "runs/results/clip"), help="a train-clip checkpoint folder")
+    ap.add_argument("--clip", default=str(ROOT / "runs/results/clip"), help="a train-clip run or model folder")
     ap.add_argument("--vit-out", default=str(ROOT / "runs/results/vit"), help="train-vit run folder")
-    ap.add_argument("--skip-train", action="store_true", help="reuse <vit-out>/model instead of training")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="reuse <vit-out>/model (and the train-vit numbers of the previous --json) instead of training")
     ap.add_argument("--minutes", type=float, default=15.0, help="train-vit time budget")
     ap.add_argument("--vit-epochs", type=int, default=300, help="train-vit epochs (the budget usually ends it first)")
     ap.add_argument("--preset", default="vit-tiny-cifar-conv")
     # The recipe of the reported run: a narrower ViT than the preset (more epochs fit in the budget),
-    # mean pooling, no dropout (the augmentation regularises). See polymodal/vit_commands.py.
+    # mean pooling, no dropout (the augmentation regularises). See polymodal/commands/vit.py.
     ap.add_argument("--vit-args", default='{"n_embd": 128, "n_layer": 6, "n_head": 4, "intermediate_size": 256, '
                                           '"pool": "mean", "dropout": 0.0}',
                     help="JSON of extra train_vit keyword arguments")
@@ -51,23 +52,26 @@ def main() -> int:
 
     import torch
 
-    from polymodal.vision_commands import eval_retrieval, zero_shot
-    from polymodal.vit_commands import linear_probe, train_vit
+    from polymodal.commands.clip import eval_retrieval, zero_shot
+    from polymodal.commands.vit import linear_probe, train_vit
 
     torch.set_num_threads(args.threads)
     res: dict = {"threads": args.threads, "torch": torch.__version__}
     vit_dir = Path(args.vit_out)
     t0 = time.perf_counter()
     if args.skip_train:
-        res["vit"] = json.loads((vit_dir / "metrics.json").read_text())
+        prev = Path(args.json)
+        if not prev.is_file() or "vit" not in json.loads(prev.read_text()):
+            raise SystemExit(f"--skip-train needs the train-vit numbers of a previous run in {prev}")
+        res["vit"] = json.loads(prev.read_text())["vit"]
     else:
         res["vit"] = train_vit(data=args.cifar, out=str(vit_dir), preset=args.preset, minutes=args.minutes,
-                               epochs=args.vit_epochs, threads=args.threads, progress=False,
+                               epochs=args.vit_epochs, threads=args.threads, progress=False, overwrite=True,
                                **json.loads(args.vit_args))
     res["vit"].pop("config", None)
-    res["vit_probe"] = linear_probe(str(vit_dir / "model"), args.cifar, threads=args.threads)
+    res["vit_probe"] = linear_probe(str(vit_dir), args.cifar, threads=args.threads)
     clip = Path(args.clip)
-    if (clip / "config.json").is_file():
+    if (clip / "config.json").is_file():  # a train-clip run folder (its model/) or a model folder
         res["clip_probe"] = linear_probe(str(clip), args.cifar, threads=args.threads)
         zs = zero_shot(str(clip), args.cifar, split="val")
         res["clip_zero_shot"] = {k: zs[k] for k in ("accuracy", "chance", "n_images", "n_templates")}
@@ -81,7 +85,7 @@ def main() -> int:
 
     v = res["vit"]
     rows = [("CIFAR-10 val, ViT from scratch (best eval)", v["best_val_accuracy"], v["chance"],
-             f"{v['n_train']} train imgs, {v['epochs']} epochs, {v['seconds'] / 60:.1f} min, flip TTA {v['flip_tta']}"),
+             f"{v['n_train']} train imgs, {v['epochs']:g} epochs, {v['seconds'] / 60:.1f} min, flip TTA {v['flip_tta']}"),
             ("CIFAR-10 val, ViT from scratch (last eval)", v["final_val_accuracy"], v["chance"], ""),
             ("CIFAR-10 val, linear probe on that ViT", res["vit_probe"]["accuracy"], res["vit_probe"]["chance"],
              f"C={res['vit_probe']['C']:g}")]

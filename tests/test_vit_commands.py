@@ -1,4 +1,5 @@
-"""train-vit, linear-probe, ``eval --task retrieval|image-classification`` and train-clip on 2 gloo ranks."""
+"""train-vit, linear-probe and ``eval --task retrieval|image-classification`` (polymodal.eval.vision.eval_vision);
+the engine checks (kill -9 resume, 2 ranks == 1, learning, bad inputs) are in test_vit_engine.py and test_clip_engine.py."""
 import json
 import math
 from pathlib import Path
@@ -30,33 +31,36 @@ def tiny_cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_run(tiny_cifar, tmp_path_factory):
-    from polymodal.vit_commands import train_vit
+    from polymodal.commands.vit import train_vit
 
     out = tmp_path_factory.mktemp("vit")
     # no augmentation or smoothing: memorising 40 images must drive the training loss down
+    # (4 steps an epoch: 24 epochs, evaluated every 8)
     r = train_vit(data=str(tiny_cifar), out=str(out), preset="vit-nano-cifar", epochs=24, batch_size=10, lr=3e-3,
-                  warmup_epochs=1, label_smoothing=0.0, crop_pad=0, randaugment=0, mix_prob=0.0, eval_every=8,
-                  progress=False, threads=1)
+                  warmup=4, label_smoothing=0.0, crop_pad=0, randaugment=0, mix_prob=0.0, eval_every=32,
+                  progress=False, threads=1, dtype="fp32")
     return out, r
 
 
 @needs_cifar
 def test_train_vit_learns_and_saves_best(vit_run, tiny_cifar, capsys):
-    from polymodal.cli import main
+    from polymodal.eval.vision import eval_vision
 
     out, r = vit_run
     hist = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in hist] == [8, 16, 24] and r["steps"] == 96
+    evals = [h for h in hist if "val_accuracy" in h]
+    assert [h["step"] for h in evals] == [32, 64, 96] and r["steps"] == 96 and r["epochs"] == 24
     # from ~ln 4 (chance over 4 classes) towards memorising the 40 images
-    assert hist[-1]["train_loss"] < hist[0]["train_loss"] and hist[-1]["train_loss"] < 0.7 * math.log(4), hist
+    train = [h["loss"] for h in hist if "loss" in h]
+    assert train[-1] < train[0] and train[-1] < 0.7 * math.log(4), hist
     assert (out / "curve.png").stat().st_size > 1000
-    assert r["best_val_accuracy"] == max(h["val_accuracy"] for h in hist)
-    # the saved checkpoint is the best evaluation's: eval reproduces its val accuracy and loss
+    assert r["best_val_accuracy"] == max(h["val_accuracy"] for h in evals)
+    # the exported model is the best evaluation's: eval reproduces its val accuracy and loss
     js = out / "eval.json"
-    assert main(["eval", "--task", "image-classification", "--model", str(out / "model"), "--data-dir",
-                 str(tiny_cifar), "--out", str(js)]) == 0
+    res = eval_vision("image-classification", str(out), str(tiny_cifar), "val", 64, str(js))  # a run folder resolves
     m = json.loads(js.read_text())
-    best = next(h for h in hist if h["epoch"] == r["best_epoch"])
+    assert res["metrics"]["accuracy"] == m["accuracy"]
+    best = next(h for h in evals if h["step"] == r["best_step"])
     assert m["accuracy"] == pytest.approx(best["val_accuracy"]) and m["loss"] == pytest.approx(best["val_loss"], abs=1e-5)
     assert "accuracy" in capsys.readouterr().out
 
@@ -65,7 +69,8 @@ def test_train_vit_learns_and_saves_best(vit_run, tiny_cifar, capsys):
 def test_cached_pixels_match_image_processor(vit_run, tiny_cifar):
     """The uint8 cache + tensor normalisation equals the PIL ImageProcessor on the files, and the
     eval logits equal the model's on the processor's tensors (flip TTA: mean with the mirror)."""
-    from polymodal.vit_commands import classify, decode_images, labelled_splits, load_classifier, normalize
+    from polymodal.data.image_sets import decode_images, labelled_splits, normalize
+    from polymodal.eval.vision import classify, load_classifier
 
     out, _ = vit_run
     net, proc, classes = load_classifier(out / "model")
@@ -82,7 +87,7 @@ def test_cached_pixels_match_image_processor(vit_run, tiny_cifar):
 def test_class_folder_split_is_stratified_and_disjoint(tmp_path):
     from PIL import Image
 
-    from polymodal.vit_commands import labelled_splits
+    from polymodal.data.image_sets import labelled_splits
 
     for c, n in (("a", 10), ("b", 20)):
         (tmp_path / c).mkdir()
@@ -93,21 +98,21 @@ def test_class_folder_split_is_stratified_and_disjoint(tmp_path):
     assert not set(s["train"][0]) & set(s["val"][0]) and len(s["train"][0]) + len(s["val"][0]) == 30
     assert s == labelled_splits(tmp_path, val_fraction=0.2, seed=1)
     with pytest.raises(ValueError, match="class 'c'"):
+        from polymodal.data.image_sets import decode_images
         from polymodal.data.images import ImageProcessor
-        from polymodal.vit_commands import decode_images
 
         decode_images([tmp_path / "a" / "0.png"], ["c"], ["a", "b"], ImageProcessor(image_size=8), progress=False)
 
 
 def test_augmentations_keep_shape_range_and_mix_targets():
-    from polymodal.vit_commands import mix_batch, rand_augment, random_crop_flip, soft_targets
+    from polymodal.data.augment import mix_batch, rand_augment, random_crop_flip, soft_targets
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 3, 16, 16, generator=g)
-    y = random_crop_flip(x, 4, g)
+    rng = np.random.default_rng(0)
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = random_crop_flip(x, 4, rng)
     assert y.shape == x.shape
     # pad 0, no flip: identity; a crop of a reflect-padded image is a translated copy
-    assert torch.equal(random_crop_flip(x, 0, g, flip=False), x)
+    assert torch.equal(random_crop_flip(x, 0, rng, flip=False), x)
     z = rand_augment(x, 2, 9.0, np.random.default_rng(0))
     assert z.shape == x.shape and z.min() >= 0 and z.max() <= 1
     t = soft_targets(torch.tensor([0, 0, 0, 1, 1, 1]), 3, 0.1)  # each image's partner (reversed batch) differs
@@ -126,6 +131,24 @@ def test_augmentations_keep_shape_range_and_mix_targets():
             torch.testing.assert_close(own, torch.full((6,), lam), atol=1e-6, rtol=0)
             kinds.add("cutmix")
     assert kinds == {"mixup", "cutmix"}
+
+
+def test_augmenting_any_split_of_a_batch_gives_its_rows():
+    """A plan applied to rows 0-3 and to rows 4-7 (with their Mixup / CutMix partners) equals the
+    whole batch's rows: what makes 2 ranks see the batch of 1 process."""
+    from polymodal.data.augment import AugmentConfig, augment_rows, draw_plan
+
+    px = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cfg = AugmentConfig(crop_pad=2, randaugment=2, ra_magnitude=6, mix_prob=1.0)
+    for seed in range(6):
+        plan = draw_plan(cfg, 8, (16, 16), np.random.default_rng([seed, 7]))
+        assert plan.mix in ("mixup", "cutmix")
+        whole = augment_rows(px, labels, range(8), cfg, plan, 3)
+        for rows in (range(4), range(4, 8)):
+            part = augment_rows(px, labels, rows, cfg, plan, 3)
+            for a, b in zip(whole, part):
+                assert torch.equal(a[rows.start:rows.stop], b)
 
 
 # --------------------------------------------------------------------------------- linear probe
@@ -148,7 +171,8 @@ def test_linear_probe_equals_sklearn_on_the_same_features(tiny_clip, tiny_cifar)
 
     from polymodal.data.images import ImageProcessor
     from polymodal.models.registry import load_model
-    from polymodal.vit_commands import labelled_splits, linear_probe
+    from polymodal.commands.vit import linear_probe
+    from polymodal.data.image_sets import labelled_splits
 
     r = linear_probe(str(tiny_clip), str(tiny_cifar), c_values=[0.01, 1.0, 100.0], threads=1)
     assert r["tower"] == "clip-image-tower" and r["feature_dim"] == 64 and r["n_train"] == 40
@@ -174,14 +198,14 @@ def test_linear_probe_cli_on_a_vit_checkpoint(vit_run, tiny_cifar, tmp_path):
 
     out, r = vit_run
     js = tmp_path / "probe.json"
-    assert main(["linear-probe", "--model", str(out / "model"), "--data", str(tiny_cifar), "--c-values", "0.1", "10",
+    assert main(["linear-probe", "--model", str(out), "--data", str(tiny_cifar), "--c-values", "0.1", "10",
                  "--json-out", str(js)]) == 0
     p = json.loads(js.read_text())
     assert p["tower"] == "vit" and p["feature_dim"] == r["config"]["n_embd"] and p["n_val"] == 8
     assert [s["C"] for s in p["sweep"]] == [0.1, 10.0] and 0 <= p["accuracy"] <= 1
 
 
-# --------------------------------------------------------------------------- retrieval + DDP CLIP
+# -------------------------------------------------------------------------------- retrieval
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20),
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 30, 160), "orange": (250, 140, 0)}
 
@@ -211,94 +235,32 @@ def synthetic_flickr(tmp_path_factory):
     return root
 
 
-# a small unlocked text tower, so the text side's gradients go through DDP too
+# a small unlocked text tower
 CLIP_KW = dict(image_tower="convnet", text_tower="encoder", image_size=16, width=16, depth=2, text_width=16,
                text_depth=1, projection_dim=16, batch_size=8, lr=3e-3, warmup=1, max_steps=3, progress=False,
-               seed=0, threads=1)
+               seed=0, threads=1, dtype="fp32")
 
 
 def test_eval_task_retrieval_equals_eval_retrieval(synthetic_flickr, tmp_path, capsys):
     from polymodal.cli import main
-    from polymodal.vision_commands import train_clip
+    from polymodal.commands.clip import train_clip
+    from polymodal.eval.vision import eval_vision
 
     ck = tmp_path / "clip"
-    train_clip(data=str(synthetic_flickr), out=str(ck), **CLIP_KW)
+    r = train_clip(data=str(synthetic_flickr), out=str(ck), **CLIP_KW)
+    assert r["steps"] == 3 and r["eval_on"] == "val"
     capsys.readouterr()
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert main(["eval-retrieval", "--model", str(ck), "--data", str(synthetic_flickr), "--json-out", str(a)]) == 0
     out_a = capsys.readouterr().out
-    assert main(["eval", "--task", "retrieval", "--model", str(ck), "--data-dir", str(synthetic_flickr),
-                 "--split", "val", "--out", str(b)]) == 0
+    eval_vision("retrieval", str(ck), str(synthetic_flickr), "val", 64, str(b))  # 'polymodal eval --task retrieval'
     out_b = capsys.readouterr().out
     ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ma == mb and ma["n_images"] == 4 and ma["n_texts"] == 20
     assert {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_mean_rank",
-            "i2t_mean_rank"} <= set(mb)
+            "i2t_mean_rank", "mean_recall"} <= set(mb)
     assert out_a == out_b and "text->image" in out_b
-    # the default JSON location
-    assert main(["eval", "--task", "retrieval", "--model", str(ck), "--data-dir", str(synthetic_flickr)]) == 0
-    assert json.loads((ck / "retrieval_val.json").read_text()) == ma
-
-
-def _clip_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from safetensors.torch import save_file
-
-    import polymodal.vision_commands as V
-
-    trained = []
-    init = V._PairEncoder.__init__
-
-    def spy(self, model):  # keep a handle on this rank's model to compare its final weights
-        init(self, model)
-        trained.append(model)
-
-    V._PairEncoder.__init__ = spy
-    r = V.train_clip(data=data, out=str(Path(out) / "ck"), **CLIP_KW)
-    params = {n: p.detach().clone().contiguous() for n, p in trained[0].named_parameters()}
-    save_file(params, str(Path(out) / f"params-rank{rank}.safetensors"))
-    (Path(out) / f"result-rank{rank}.json").write_text(json.dumps({"loss": r["loss"], "first": r["first_loss"]}))
-
-
-@pytest.mark.slow
-def test_train_clip_two_gloo_ranks_match_one_process(synthetic_flickr, tmp_path):
-    """2 ranks x 4 pairs with gathered negatives + DDP = 1 process x 8 pairs: same losses, same weights."""
-    import torch.multiprocessing as mp
-    from safetensors.torch import load_file
-    from test_distributed import _free_port
-
-    import polymodal.vision_commands as V
-
-    ref_models = []
-    init = V._PairEncoder.__init__
-    V._PairEncoder.__init__ = lambda self, model: (init(self, model), ref_models.append(model))[0]
-    try:
-        V.train_clip(data=str(synthetic_flickr), out=str(tmp_path / "single"), **CLIP_KW)
-    finally:
-        V._PairEncoder.__init__ = init
-    ref_log = json.loads((tmp_path / "single" / "train_log.json").read_text())
-
-    # fork: the workers inherit the imported modules (a spawned interpreter would re-import torch & co.)
-    mp.start_processes(_clip_worker, args=(2, _free_port(), str(synthetic_flickr), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
-    log = json.loads((tmp_path / "ck" / "train_log.json").read_text())
-    assert log["world_size"] == 2 and len(log["losses"]) == 3
-    assert log["losses"] == pytest.approx(ref_log["losses"], abs=1e-4)
-    p0 = load_file(str(tmp_path / "params-rank0.safetensors"))
-    p1 = load_file(str(tmp_path / "params-rank1.safetensors"))
-    ref = dict(ref_models[0].named_parameters())
-    assert p0.keys() == p1.keys() == ref.keys()
-    for k in p0:
-        assert torch.equal(p0[k], p1[k]), k  # DDP kept the ranks identical
-        torch.testing.assert_close(p0[k], ref[k].detach(), atol=2e-4, rtol=0)
-    # training moved the weights (not two untouched initialisations); rank 0 saved them
-    assert log["losses"][0] != log["losses"][-1]
-    from polymodal.vision_commands import load_clip
-
-    saved, _, _ = load_clip(tmp_path / "ck")
-    for k, v in saved.named_parameters():
-        assert torch.equal(v.detach(), p0[k]), k
+    # the default JSON location: beside the run's best model, whose training evaluation it repeats
+    eval_vision("retrieval", str(ck), str(synthetic_flickr))
+    assert json.loads((ck / "model" / "retrieval_val.json").read_text()) == ma
+    assert ma["mean_recall"] == pytest.approx(r["best_mean_recall"], abs=1e-6)

@@ -150,7 +150,7 @@ def test_stem_config_errors_name_the_field(kw, match):
 @pytest.mark.skipif(not (CIFAR / "train.tsv").is_file(), reason="needs ../shared/data/cifar10")
 def test_conv_preset_loss_falls_on_64_cifar_images():
     from polymodal.data.images import ImageProcessor
-    from polymodal.vit_commands import decode_images, labelled_splits, normalize
+    from polymodal.data.image_sets import decode_images, labelled_splits, normalize
 
     paths, labels = labelled_splits(CIFAR)["train"]
     classes = sorted(set(labels))

@@ -148,6 +148,9 @@ class CLIPText(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.hidden_states(input_ids, attention_mask)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed.weight", "tok_embed.weight"}  # learned positions and the token table
+
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row is 1...1 0...0 (or all ones)."""
@@ -280,10 +283,27 @@ class CLIP(nn.Module):
         text_embeds = F.normalize(text_embeds, dim=-1)
         return self.logit_scale.exp() * image_embeds @ text_embeds.t()
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_per_image = self.similarity(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
+                return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image, logits_per_text); with ``return_embeddings`` the projected (not yet
+        normalised) (image_embeds, text_embeds) instead, which the contrastive loss gathers across
+        ranks: training calls the model itself, so DDP sees one forward. ``text_features``: the text
+        tower's pooled output computed beforehand (a locked tower's cache); only the projection runs."""
+        img = self.encode_image(pixel_values)
+        if text_features is not None:
+            txt = self.text_projection(text_features.to(self.text_projection.weight.dtype))
+        else:
+            txt = self.encode_text(input_ids, attention_mask)
+        if return_embeddings:
+            return img, txt
+        logits_per_image = self.similarity(img, txt)
         return logits_per_image, logits_per_image.t()
+
+    def no_weight_decay(self) -> set[str]:
+        """The temperature (and SigLIP's bias) are scalars of the loss, not weights to shrink (timm's
+        convention: names relative to this module; the towers list their own)."""
+        return {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
 
     def prepack(self) -> bool:
         """fp32 CPU inference: prepacks the image tower's weights (``ViT.prepack``) when it can."""

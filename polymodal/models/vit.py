@@ -404,6 +404,11 @@ class ViT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def no_weight_decay(self) -> set[str]:
+        """Bare parameters the optimizer must not decay (timm's convention, names relative to this
+        module): the position table and the class token are embeddings, not weight matrices."""
+        return {"pos_embed"} | ({"cls_token"} if self.cls_token is not None else set())
+
 
 def _mkldnn_linear_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
