@@ -73,6 +73,7 @@ class TrainArgs:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
+    eps: float = 1e-8  # AdamW's epsilon (BERT and CLIP used 1e-6)
     grad_accum: int = 1
     grad_clip: float = 1.0
     patience: int = 0  # stop after this many evaluations without a better metric (0 = never)
@@ -206,7 +207,7 @@ class Trainer:
         self.model = D.wrap(self.raw_model, self.dist)
         groups = task.param_groups(self.raw_model)
         self.optimizer = make_adamw(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                                    fused=False if fsdp else None, groups=groups)
+                                    eps=args.eps, fused=False if fsdp else None, groups=groups)
         if ckpt is not None:
             self._restore(ckpt, fsdp)
         self.planned_steps = self._planned_steps()
@@ -375,6 +376,7 @@ class Trainer:
             sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_step(self.raw_model)
         self.step += 1
         self.items_seen += items * self.dist.world
         self.last_lr = lr

@@ -69,6 +69,9 @@ class Task:
         """Training FLOPs per ``unit`` (forward + backward), for MFU; None when not modelled."""
         return None
 
+    def after_step(self, model: nn.Module) -> None:
+        """Runs after every optimizer step (e.g. CLIP clamps its logit scale to log 100)."""
+
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         """Custom optimizer groups (e.g. layer-wise lr decay, via an ``lr_scale`` key); None = the one rule."""
         return None
