@@ -28,7 +28,7 @@ def _train_clip(pairs, folder):
     from polymodal.models.clip import CLIP, CLIPConfig, contrastive_loss
     from polymodal.models.contrastive import minilm_text_tower
     from polymodal.models.registry import save_model
-    from polymodal.serve.models import text_batch
+    from polymodal.models.dual_encoder import tokenize_texts
 
     tower, tok = minilm_text_tower(locked=True)
     vision = CLIPConfig.from_preset("clip-nano").vision.to_dict()
@@ -37,7 +37,7 @@ def _train_clip(pairs, folder):
     model.text.load_state_dict(tower.state_dict())
     model.text.lock()
     px = ImageProcessor.from_config(model.config)([load_image(p.image) for p in pairs])
-    ids, mask = text_batch(model.config.text, tok, [p.captions[0] for p in pairs])
+    ids, mask = tokenize_texts(model, tok, [p.captions[0] for p in pairs])
     with torch.no_grad():
         feats = model.text.encode(ids, mask)  # the locked tower's features, computed once
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ loaded class:
   modules do);
 * ``clip``: ``CLIP.encode_text`` / ``encode_image`` (L2-normalised) with the
   ``ImageProcessor`` built from the model's own config; the text tower is a causal CLIP text
-  transformer or a BERT/MiniLM encoder tower (:func:`text_batch` pads either).
+  transformer or a BERT/MiniLM encoder tower (``models.dual_encoder.tokenize_texts`` pads either).
 
 * ``generate`` with ``vision = True``: a generative VLM (``models.vlm.VLM``: image tower ->
   projector -> decoder); chat ``image_url`` parts become ``config.image_token`` in the prompt,
@@ -23,36 +23,6 @@ import threading
 from pathlib import Path
 
 import torch
-
-
-def text_batch(text_config, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, attention mask) for a CLIP text tower of either kind.
-
-    A causal CLIP text transformer (``clip_text``) is read out at its end-of-text token, so one is
-    appended (and kept when truncating); an Encoder tower (a MiniLM/BERT ``encoder_tower``, what
-    train-clip's default text tower saves) uses the tokenizer's own [CLS] ... [SEP] and keeps its
-    pad id in the nested encoder config. Padding is masked, so a text embeds the same alone or in
-    a batch."""
-    limit = int(getattr(text_config, "block_size", 77))
-    if text_config.family == "clip_text":
-        eos = text_config.eos_token_id if text_config.eos_token_id not in (None, 2) else tokenizer.eos_id
-        pad = text_config.pad_token_id
-    else:
-        eos, pad = None, getattr(getattr(text_config, "encoder_config", None), "pad_token_id", None)
-    rows = []
-    for t in texts:
-        ids = tokenizer.encode(t, add_special_tokens=True)
-        if eos is not None:
-            ids = ids if ids and ids[-1] == eos else ids + [eos]
-            ids = ids[:limit - 1] + [eos] if len(ids) > limit else ids
-        rows.append(ids[:limit] or [tokenizer.pad_id or 0])
-    pad = next((p for p in (tokenizer.pad_id, pad) if p is not None), 0)
-    batch = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for r, ids in enumerate(rows):
-        batch[r, :len(ids)] = torch.tensor(ids)
-        mask[r, :len(ids)] = 1
-    return batch, mask
 
 
 class ServedModel:
@@ -133,7 +103,9 @@ class ServedModel:
             if self.kind == "embed":
                 n_tok = sum(len(x) for x in self.encoder.tokenize(texts))
                 return self.encoder.encode(texts, workers=1), n_tok
-            batch, mask = text_batch(self.model.config.text, self.tokenizer, texts)
+            from ..models.dual_encoder import tokenize_texts  # what zero-shot and retrieve feed the model
+
+            batch, mask = tokenize_texts(self.model, self.tokenizer, texts)
             dev = next(self.model.parameters()).device
             z = self.model.encode_text(batch.to(dev), mask.to(dev), normalize=True)
             return z.float().cpu(), int(mask.sum())
