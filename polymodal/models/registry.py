@@ -28,6 +28,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "vlm": ("polymodal.models.vlm", "VLMConfig", "VLM"),
     "visualbert": ("polymodal.models.fusion", "VisualBERTConfig", "VisualBERT"),
     "vilbert": ("polymodal.models.fusion", "ViLBERTConfig", "ViLBERT"),
+    "efficientnet": ("polymodal.models.efficientnet", "EfficientNetConfig", "EfficientNet"),
 }
 
 
