@@ -68,8 +68,8 @@ class ChatSession:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def reply(self, user_text: str, out: TextIO | None = None) -> str:
-        from .generate import stream
-        from .tokenizers import StreamDecoder
+        from . import stream
+        from ..tokenizers import StreamDecoder
 
         gen = dict(self.gen)
         if self.images is not None:
