@@ -49,7 +49,7 @@ def test_readme_lists_commands():
 # Commands that finish in seconds are run for real; the others (training runs of minutes, the
 # server) are only parsed above. A line whose --model/--src names something that the lines before
 # it did not create (runs/quickstart...) is skipped: it depends on a long run.
-RUN_IN_SECONDS = {"prepare", "train", "generate", "convert", "score-text", "chat", "ngram"}
+RUN_IN_SECONDS = {"prepare", "train", "generate", "convert", "score-text", "chat", "ngram", "list", "cache"}
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
