@@ -17,15 +17,16 @@ import time
 from pathlib import Path
 
 from polymodal.eval.text_metrics import bleu_chrf, lead_n, rouge
-from polymodal.seq2seq_commands import read_pairs, summarize, train_seq2seq, translate
+from polymodal.commands.seq2seq import summarize, train_seq2seq, translate
+from polymodal.data.pairs import read_pairs
 
 DATA = {"translate": "../shared/data/multi30k", "summarize": "../shared/data/bbc_news_summary"}
 # the recipes the numbers in docs/results.md were measured with
 RECIPES = {
     "translate": dict(preset="t5-tiny", vocab_size=8000, n_layer=3, n_embd=256, n_head=4, batch_size=64,
-                      lr=1.5e-3, warmup=300, steps=20000, dropout=0.1, eval_every=500, max_src_len=64, max_tgt_len=64),
+                      lr=1.5e-3, warmup=300, max_steps=20000, dropout=0.1, eval_every=500, max_src_len=64, max_tgt_len=64),
     "summarize": dict(preset="bart-tiny", vocab_size=8000, n_layer=3, n_embd=256, n_head=4, batch_size=8,
-                      lr=1e-3, warmup=200, steps=20000, dropout=0.1, eval_every=400, max_src_len=512,
+                      lr=1e-3, warmup=200, max_steps=20000, dropout=0.1, eval_every=400, max_src_len=512,
                       max_tgt_len=192),
 }
 
@@ -46,7 +47,9 @@ def main() -> None:
     recipe = RECIPES[args.task]
     t0 = time.time()
     if not args.skip_train:
-        train_seq2seq(data, out=str(out), task=args.task, minutes=args.minutes, limit=args.limit, **recipe)
+        # --overwrite: a rerun into the same folder starts over (the engine refuses to mix runs)
+        train_seq2seq(data, out=str(out), task=args.task, minutes=args.minutes, limit=args.limit, overwrite=True,
+                      **recipe)
     train_s = time.time() - t0
     val = read_pairs(data, args.task, "val")
     if args.val_limit:
@@ -71,11 +74,11 @@ def main() -> None:
     else:
         result["ours"] = rouge(hyps, refs)
         result["lead3"] = rouge([lead_n(s, 3) for s in srcs], refs)
-    log = out / "train_log.jsonl"
-    if log.exists():
-        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-        result["best_val_loss"] = min(r["val_loss"] for r in rows)
-        result["steps"] = rows[-1]["step"]
+    summary = out / "summary.json"  # the engine's run summary
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        result["best_val_loss"] = s["best"]
+        result["steps"] = s["step"]
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -373,7 +373,8 @@ def test_text_infilling_format_and_reconstruction():
 def test_train_translate_summarize_commands(tmp_path):
     import json
 
-    from polymodal.seq2seq_commands import read_pairs, summarize, train_seq2seq, translate
+    from polymodal.commands.seq2seq import summarize, train_seq2seq, translate
+    from polymodal.data.pairs import read_pairs
 
     words = "the a dog cat runs sits on mat red blue big small man woman sees".split()
     g = torch.Generator().manual_seed(0)
@@ -387,19 +388,24 @@ def test_train_translate_summarize_commands(tmp_path):
                                           encoding="utf-8")
     assert len(read_pairs(data, "translate", "val")) == 16
     res = train_seq2seq(str(data), out=str(tmp_path / "run"), vocab_size=60, n_layer=1, n_embd=32, n_head=4,
-                        batch_size=16, steps=16, lr=8e-3, warmup=2, eval_every=8, dropout=0.0)
-    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [8, 16]
+                        batch_size=16, max_steps=16, lr=8e-3, warmup=2, eval_every=8, dropout=0.0, threads=1,
+                        score=4, num_beams=2)
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "val_loss" in r] == [8, 16]
     vocab = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["vocab_size"]
-    assert res["best_val_loss"] < 0.8 * math.log(vocab)  # well below a uniform guess over the vocabulary
+    assert res["best"] < 0.8 * math.log(vocab)  # well below a uniform guess over the vocabulary
+    assert set(res["scores"]) == {"bleu", "chrf"}
+    assert json.loads((tmp_path / "run" / "scores.json").read_text())["n"] == 4
 
-    out = translate(res["model"], str(data / "val.en"), str(tmp_path / "hyp.de"), num_beams=2, max_new_tokens=8)
+    # the run folder itself resolves to its best model (polymodal.interop.resolve_model_path)
+    out = translate(str(tmp_path / "run"), str(data / "val.en"), str(tmp_path / "hyp.de"), num_beams=2,
+                    max_new_tokens=8, device="cpu")
     assert len(open(out, encoding="utf-8").read().splitlines()) == 16
 
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"article": r, "summary": r}) for r in rows[:3]) + "\n")
-    out = summarize(res["model"], str(jsonl), str(tmp_path / "sum.txt"), num_beams=1, max_new_tokens=6)
+    out = summarize(res["model"], str(jsonl), str(tmp_path / "sum.txt"), num_beams=1, max_new_tokens=6, device="cpu")
     assert len(open(out, encoding="utf-8").read().splitlines()) == 3
-    with pytest.raises(ValueError, match="article"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: not a JSON object with an 'article' field"):
         (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
         summarize(res["model"], str(tmp_path / "bad.jsonl"), str(tmp_path / "x.txt"))

@@ -65,3 +65,27 @@ def generate_seq2seq(model: Seq2Seq, input_ids: torch.Tensor, attention_mask: to
         return generate(_DecoderLM(model), prompts, max_new_tokens=max_new_tokens, model_kwargs=mk, **kw)
     finally:
         model.train(was_training)
+
+
+def generate_seq2seq_texts(model: Seq2Seq, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
+                           max_src_len: int = 512, batch_size: int = 32, **kw) -> list[str]:
+    """Strings in, strings out (translation, summarisation): each source is encoded with EOS and
+    truncated to ``max_src_len`` tokens, sources of similar length are decoded together (less
+    padding), and the outputs come back in input order, one line each. Other keyword arguments
+    are :func:`generate_seq2seq`'s (``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``...)."""
+    from ..data.pairs import encode_texts, pad_sources
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    ids = encode_texts(tokenizer, texts, max_src_len)
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id or 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        src, mask = pad_sources([ids[i] for i in idx], pad_id)
+        gen = generate_seq2seq(model, src.to(device), mask.to(device), max_new_tokens=max_new_tokens, **kw)
+        for i, row in zip(idx, gen):
+            out[i] = tokenizer.decode(row).strip().replace("\n", " ")
+    return out

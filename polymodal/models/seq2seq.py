@@ -344,7 +344,37 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int = 0, ignore_ind
     return out.masked_fill(out == ignore_index, pad_id)
 
 
-# -- generation ------------------------------------------------------------------------------------
+# -- assembly from presets ------------------------------------------------------------------------
+
+def config_for_tokenizer(preset: str, tokenizer, *, n_layer: int = 0, n_embd: int = 0, n_head: int = 0,
+                         max_len: int = 0, dropout: float | None = None) -> Seq2SeqConfig:
+    """A preset sized to a tokenizer trained from scratch (``polymodal.tokenizers.seq2seq``): its
+    vocabulary and special ids, optional layer/width/head overrides (0 = the preset's; head_dim
+    follows n_embd / n_head when either changes), and a learned-position table long enough for
+    ``max_len`` tokens (BART)."""
+    base = Seq2SeqConfig.presets.get(preset)
+    if base is None:
+        raise ValueError(f"unknown seq2seq preset {preset!r}; choose from {', '.join(sorted(Seq2SeqConfig.presets))}")
+    over: dict[str, Any] = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                                eos_token_id=tokenizer.eos_id, bos_token_id=None)
+    # the first decoder input: T5 starts the target with <pad>, BART with </s> (Lewis et al. 2019)
+    over["decoder_start_token_id"] = tokenizer.eos_id if base["variant"] == "bart" else tokenizer.pad_id
+    if dropout is not None:
+        over["dropout"] = dropout
+    for k, v in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head)):
+        if v < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0 (0 = the preset's), got {v}")
+        if v:
+            over[k] = v
+    if n_embd or n_head:
+        width, heads = n_embd or base["n_embd"], n_head or base["n_head"]
+        if width % heads:
+            raise ValueError(f"--n-embd {width} is not divisible by --n-head {heads}")
+        over["head_dim"] = width // heads
+    if base.get("block_size"):
+        over["block_size"] = max(base["block_size"], max_len)
+    return Seq2SeqConfig.from_preset(preset, **over)
+
 
 # -- pre-training objectives ------------------------------------------------------------------------
 
