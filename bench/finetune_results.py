@@ -8,7 +8,7 @@ user reproduces a row with the CLI alone:
     .venv/bin/python bench/finetune_results.py --tasks sst2 --minutes 2 --max-train 2000   # smoke
 
 Baselines: majority class (SST-2 accuracy), all-"O" (CoNLL entity F1 = 0), and for SQuAD the
-context sentence with the most word overlap with the question (``finetune.baseline``).
+context sentence with the most word overlap with the question (``polymodal.eval.text_tasks.baseline``).
 """
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ import argparse
 import json
 from pathlib import Path
 
-from polymodal.train.finetune import finetune
+from polymodal.commands.finetune import finetune
 
 # the recipes docs/results.md quotes (budgets are wall-clock minutes of training)
 RECIPES = {
-    "sst2": dict(epochs=1, lr=1e-4, batch_size=32, max_length=66, eval_every=300, max_minutes=28),
-    "conll2003": dict(epochs=3, lr=1e-4, batch_size=32, max_length=128, eval_every=200, max_minutes=25),
-    "squad": dict(epochs=6, lr=1e-4, batch_size=16, max_length=256, stride=96, eval_every=40, max_minutes=12),
+    "sst2": dict(epochs=1, lr=1e-4, batch_size=32, max_length=66, eval_every=300, minutes=28),
+    "conll2003": dict(epochs=3, lr=1e-4, batch_size=32, max_length=128, eval_every=200, minutes=25),
+    "squad": dict(epochs=6, lr=1e-4, batch_size=16, max_length=256, stride=96, eval_every=40, minutes=12),
 }
 
 
 def command_line(task: str, out: str, recipe: dict) -> str:
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
-    return f"polymodal finetune --task {task} --out {out} --patience 100 {flags}"
+    return f"polymodal finetune --task {task} --out {out} --patience 100 --overwrite {flags}"
 
 
 def main() -> None:
@@ -42,10 +42,10 @@ def main() -> None:
     for task in args.tasks:
         recipe = dict(RECIPES[task])
         if args.minutes is not None:
-            recipe["max_minutes"] = args.minutes
+            recipe["minutes"] = args.minutes
         out = str(Path(args.out) / task)
         print("$", command_line(task, out, recipe), flush=True)
-        r = finetune(task, out=out, patience=100, max_train=args.max_train, save=False, **recipe)
+        r = finetune(task, out=out, patience=100, max_train=args.max_train, overwrite=True, **recipe)
         key = r["metric"]
         rows.append({"task": task, "metric": key, "val": r["val"].get(key), "baseline": r["baseline"].get(key),
                      "best_step": r["best_step"], "steps": r["steps"], "train_seconds": r["train_seconds"],

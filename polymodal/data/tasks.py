@@ -45,6 +45,7 @@ class TaskSpec:
     header: bool = True
     n_cols: int | None = None  # tsv: exact column count of every row
     metric: str = "accuracy"  # the key the early stopping watches (eval.metrics)
+    mode: str = "max"  # its direction: every metric here (accuracy, MCC, F1, Pearson, EM) is better higher
 
     @property
     def problem(self) -> str:
@@ -77,6 +78,20 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in [
 
 _SPLIT_FILES = {"train": ("train",), "val": ("val", "dev", "validation", "valid"), "test": ("test",)}
 _EXT = {"tsv": (".tsv",), "jsonl": (".jsonl",), "conll": (".txt", ".conll"), "squad": (".json",)}
+
+
+def read_text(path: str | Path) -> str:
+    """A task file's text (UTF-8, a leading BOM dropped: MRPC starts with one). Bytes that are not
+    UTF-8 raise :class:`DataError` naming the file, line and column, not a bare codec error."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); "
+                        "re-save the file as UTF-8") from None
 
 
 def get_task(name: str) -> TaskSpec:
@@ -133,8 +148,7 @@ def read_tsv(spec: TaskSpec, path: str | Path) -> list[TextExample]:
     quoting must stay off (RTE's README says the same)."""
     path = Path(path)
     out: list[TextExample] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC starts with a BOM
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     start, cols, idx = 0, None, None
@@ -175,7 +189,7 @@ def iter_json_objects(path: str | Path, text: str | None = None):
     """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file; a line that
     is not a JSON object raises :class:`DataError` naming file and line."""
     path = Path(path)
-    lines = text.splitlines() if text is not None else path.read_text(encoding="utf-8").splitlines()
+    lines = text.splitlines() if text is not None else read_text(path).splitlines()
     for i, raw in enumerate(lines, start=1):
         where = f"{path}:{i}"
         if not raw.strip():
@@ -222,26 +236,25 @@ def read_conll(path: str | Path, labels: Sequence[str] = CONLL_LABELS, n_cols: i
     words: list[str] = []
     tags: list[int] = []
     first = 0
-    with open(path, encoding="utf-8") as f:
-        for i, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                if words:
-                    out.append(NERExample(words, tags, first))
-                words, tags = [], []
-                continue
-            cols = line.split()
-            if cols[0] == "-DOCSTART-":
-                continue
-            if len(cols) != n_cols:
-                raise DataError(f"{path}:{i}: expected {n_cols} space-separated columns (word POS chunk NER), "
-                                f"got {len(cols)}")
-            if cols[-1] not in labels:
-                raise DataError(f"{path}:{i}: unknown label {cols[-1]!r}; expected one of {list(labels)}")
-            if not words:
-                first = i
-            words.append(cols[0])
-            tags.append(list(labels).index(cols[-1]))
+    for i, raw in enumerate(read_text(path).split("\n"), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            if words:
+                out.append(NERExample(words, tags, first))
+            words, tags = [], []
+            continue
+        cols = line.split()
+        if cols[0] == "-DOCSTART-":
+            continue
+        if len(cols) != n_cols:
+            raise DataError(f"{path}:{i}: expected {n_cols} space-separated columns (word POS chunk NER), "
+                            f"got {len(cols)}")
+        if cols[-1] not in labels:
+            raise DataError(f"{path}:{i}: unknown label {cols[-1]!r}; expected one of {list(labels)}")
+        if not words:
+            first = i
+        words.append(cols[0])
+        tags.append(list(labels).index(cols[-1]))
     if words:
         out.append(NERExample(words, tags, first))
     return out
@@ -260,7 +273,7 @@ class QAExample:
 def read_squad(path: str | Path) -> list[QAExample]:
     """SQuAD v1.1 JSON: data -> paragraphs -> (context, qas -> (id, question, answers))."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -302,12 +315,17 @@ def load_split(task: str | TaskSpec, split: str, data_dir: str | Path | None = N
     spec = get_task(task) if isinstance(task, str) else task
     path = split_file(spec, split, data_dir)
     if spec.fmt == "tsv":
-        return read_tsv(spec, path)
-    if spec.fmt == "jsonl":
-        return read_jsonl(spec, path)
-    if spec.fmt == "conll":
-        return read_conll(path, spec.labels)
-    return read_squad(path)
+        out = read_tsv(spec, path)
+    elif spec.fmt == "jsonl":
+        out = read_jsonl(spec, path)
+    elif spec.fmt == "conll":
+        out = read_conll(path, spec.labels)
+    else:
+        out = read_squad(path)
+    if not out:  # an empty split would otherwise train zero examples forever or score nothing
+        where = f"{path}:1: header only" if spec.fmt == "tsv" and spec.header else f"{path}: empty"
+        raise DataError(f"{where}, no examples (the {split} split of {spec.name} needs at least one)")
+    return out
 
 
 # ------------------------------------------------------------------------------------- tokenisation
@@ -367,12 +385,20 @@ def prepare_qa_features(tokenizer, examples: Sequence[QAExample], max_length: in
     span in the context for context tokens, None elsewhere), ``example`` (index) and, for
     training, ``start_positions``/``end_positions`` (token indices; 0 = [CLS] when the window
     does not hold the first answer)."""
-    if stride >= max_length:
-        raise ValueError(f"stride ({stride}) must be smaller than max_length ({max_length})")
+    # A window holds the question, the specials (<= 4: RoBERTa's <s> q </s></s> c </s>) and more
+    # context than the stride; longer questions are cut, as BERT's run_squad.py cuts them to
+    # max_query_length (otherwise the tokenizer aborts the process).
+    max_query = max_length - stride - 5
+    if max_query < 1:
+        raise ValueError(f"QA windows of max_length {max_length} leave no room for a question and more context "
+                         f"than the stride ({stride}); raise --max-length or lower --stride")
     tok = _backend(tokenizer, max_length, stride=stride, strategy="only_second")
+    query = _backend(tokenizer, max_query)
     feats = []
     for k, ex in enumerate(examples):
-        first = tok.encode(ex.question, ex.context, add_special_tokens=True)
+        q = query.encode(ex.question, add_special_tokens=False)
+        question = ex.question[:q.offsets[-1][1]] if q.overflowing and q.offsets else ex.question
+        first = tok.encode(question, ex.context, add_special_tokens=True)
         for en in [first, *first.overflowing]:
             seq = en.sequence_ids
             offsets = [tuple(o) if s == 1 else None for o, s in zip(en.offsets, seq)]
@@ -445,3 +471,19 @@ def collate(features: Sequence[dict], pad_id: int, keys: Sequence[str] = ()) -> 
         else:
             out[k] = torch.tensor([f[k] for f in features], dtype=torch.long)
     return out
+
+
+def encode_split(spec: TaskSpec, tokenizer, examples: Sequence, max_length: int = 128, stride: int = 128) -> list[dict]:
+    """A split's model inputs: one feature per example (sentence tasks, NER) or per context
+    window (QA; windows carry their answer positions so a val loss can be computed too)."""
+    if spec.kind == "seq_cls":
+        return encode_text(tokenizer, examples, max_length)
+    if spec.kind == "token_cls":
+        return encode_ner(tokenizer, examples, max_length)
+    return prepare_qa_features(tokenizer, examples, max_length=max_length, stride=min(stride, max_length // 2),
+                               train=True)
+
+
+def label_keys(kind: str) -> list[str]:
+    """The feature keys :func:`collate` turns into label tensors for a task kind."""
+    return {"seq_cls": ["label"], "token_cls": ["labels"], "qa": ["start_positions", "end_positions"]}[kind]
