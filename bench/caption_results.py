@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     import torch
 
     from polymodal.eval.caption_metrics import METRICS
-    from polymodal.vlm_commands import eval_caption, train_vlm
+    from polymodal.commands.vlm import eval_caption, train_vlm
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
                        eval_every=0)
         summary = train_vlm(data=args.data, out=str(out), stage=1, vision=str(clip), decoder="smollm2",
                             pixel_shuffle=args.pixel_shuffle, lora=args.lora, batch_size=args.batch_size,
-                            lr=args.lr, lora_lr=args.lora_lr, minutes=args.minutes, max_steps=1_000_000,
+                            lr=args.lr, lora_lr=args.lora_lr, minutes=args.minutes, max_steps=0, epochs=10_000,
                             eval_every=args.eval_every, val_samples=min(64, 4 * args.limit) if args.limit else 64,
                             threads=args.threads, resume=args.resume)
     t = time.perf_counter()

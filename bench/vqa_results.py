@@ -60,30 +60,33 @@ VLM_SETTINGS = {
 def run(data: str, arch: str, minutes: float, threads: int, out: Path, progress: bool) -> dict:
     if arch == "vlm":
         return run_vlm(data, minutes, threads, out, progress)
-    from polymodal.vqa_commands import train_vqa
+    from polymodal.commands.vqa import train_vqa
+    from polymodal.models.registry import load_model
 
-    s = train_vqa(data=str(DATA / data), out=str(out / f"{data}-{arch}"), arch=arch, minutes=minutes,
-                  max_steps=10 ** 9, threads=threads, progress=progress, **SETTINGS[data], **ARCH[arch])
-    return {"data": data, "arch": arch, "val_accuracy": s["val_accuracy"], "baseline_accuracy": s["baseline_accuracy"],
-            "baseline_answer": s["baseline_answer"], "train_seconds": s["train_seconds"], "steps": s["steps"],
-            "best_step": s["best_step"], "params": s["params"], "threads": s["threads"], "n_val": s["n_val"],
-            "checkpoint": s["out"]}
+    # max_steps=0 and unbounded epochs: the wall-clock budget ends the run (and its cosine)
+    s = train_vqa(data=str(DATA / data), out=str(out / f"{data}-{arch}"), arch=arch, minutes=minutes, max_steps=0,
+                  epochs=10_000, threads=threads, progress=progress, overwrite=True, **SETTINGS[data], **ARCH[arch])
+    params = sum(p.numel() for p in load_model(s["model"]).parameters())
+    return {"data": data, "arch": arch, "val_accuracy": s["best"], "baseline_accuracy": s["baseline_accuracy"],
+            "baseline_answer": s["baseline_answer"], "train_seconds": s["elapsed_s"], "steps": s["step"],
+            "best_step": s["best_step"], "params": params, "threads": threads, "n_val": s["n_val"],
+            "checkpoint": s["model"]}
 
 
 def run_vlm(data: str, minutes: float, threads: int, out: Path, progress: bool) -> dict:
     """train-vlm stage 2 from a fresh tower, then eval-vqa (greedy answers) on the whole val split."""
-    from polymodal.vlm_commands import train_vlm
-    from polymodal.vqa_commands import eval_vqa
+    from polymodal.commands.vlm import train_vlm
+    from polymodal.commands.vqa import eval_vqa
 
     run_dir = out / f"{data}-vlm"
-    s = train_vlm(data=str(DATA / data), out=str(run_dir), minutes=minutes, max_steps=10 ** 9, threads=threads,
-                  progress=progress, **VLM, **VLM_SETTINGS[data])
+    s = train_vlm(data=str(DATA / data), out=str(run_dir), minutes=minutes, max_steps=0, epochs=10_000,
+                  threads=threads, progress=progress, overwrite=True, **VLM, **VLM_SETTINGS[data])
     e = eval_vqa(model=str(run_dir), data=str(DATA / data), split="val", json_out=str(run_dir / "eval-vqa.json"),
                  predictions=str(run_dir / "val_predictions.jsonl"), progress=progress)
     curve = [(r["step"], r["val_accuracy"]) for r in map(json.loads, (run_dir / "metrics.jsonl").open())
              if "val_accuracy" in r]
     return {"data": data, "arch": "vlm", "val_accuracy": e["accuracy"], "baseline_accuracy": e["baseline_accuracy"],
-            "baseline_answer": e["baseline_answer"], "train_seconds": s["seconds"], "steps": s["steps"],
+            "baseline_answer": e["baseline_answer"], "train_seconds": s["elapsed_s"], "steps": s["step"],
             "best_step": s["best_step"], "params": s["trainable_params"], "threads": threads, "n_val": e["n"],
             "val_answer_accuracy_curve": curve, "checkpoint": s["model"]}
 

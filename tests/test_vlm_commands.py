@@ -1,22 +1,20 @@
-"""Generative VLM commands on tiny random models: train-vlm (stage 1 on a Flickr8k-format folder with
-precomputed features, stage 2 on easy-VQA-format questions, resume), caption (+ grid PNG),
-eval-caption, answer_question and chat --image; cached == uncached generation; the image
-drives the caption."""
+"""Generative VLM commands (``polymodal.commands.vlm``) on tiny random models: train-vlm (stage 1 on
+a Flickr8k-format folder with precomputed features, stage 2 on easy-VQA-format questions, a fresh
+conv tower), caption (+ grid PNG), eval-caption, answer_question and chat --image; cached ==
+uncached generation; the image drives the caption. The engine's must-show checks of the VLM
+Task (kill -9 + resume, 2 ranks, real data, bad input) are in test_vlm_task.py."""
 import io
 import json
 import sys
 
 import pytest
 import torch
+
 from PIL import Image
 
 from polymodal.cli import main
 from polymodal.generate import generate
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-CAPTIONS = {"red": "a red square .", "green": "a green disc .", "blue": "blue sky", "yellow": "the yellow sun ."}
+from vlm_assets import CAPTIONS, COLOURS, image as _image, make_assets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,57 +25,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _image(colour, size=32):
-    im = Image.new("RGB", (size, size), COLOURS[colour])
-    inv = tuple(255 - c for c in COLOURS[colour])
-    for x in range(8, 24):  # a centred square of the complementary colour, so crops differ from flat colour
-        for y in range(8, 24):
-            im.putpixel((x, y), inv)
-    return im
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A Flickr8k-format folder (4 images, one caption each), an easy-VQA-format folder,
     a frozen random ViT checkpoint and a nano GPT decoder with a char tokenizer + ChatML."""
-    from polymodal.models.gpt import GPT, GPTConfig
-    from polymodal.models.registry import save_model
-    from polymodal.models.vit import ViT, ViTConfig
-    from polymodal.tokenizers import Tokenizer
-    from polymodal.tokenizers.train import train_char_tokenizer
-
-    root = tmp_path_factory.mktemp("vlm")
-    fl = root / "flickr"
-    (fl / "images").mkdir(parents=True)
-    lines = []
-    for c in COLOURS:
-        _image(c).save(fl / "images" / f"{c}.png")
-        lines.append(f"{c}.png#0\t{CAPTIONS[c]}")
-    (fl / "captions.txt").write_text("\n".join(lines) + "\n")
-    (fl / "train.txt").write_text("\n".join(f"{c}.png" for c in COLOURS) + "\n")
-    (fl / "val.txt").write_text("red.png\nblue.png\n")
-
-    vqa = root / "easy_vqa"
-    (vqa / "images").mkdir(parents=True)
-    qs = []
-    for i, c in enumerate(COLOURS):
-        _image(c).save(vqa / "images" / f"{i}.png")
-        qs += [["what colour is it?", c, i], ["is it red?", "yes" if c == "red" else "no", i]]
-    (vqa / "train_questions.json").write_text(json.dumps(qs))
-    (vqa / "val_questions.json").write_text(json.dumps(qs[:4]))
-    (vqa / "answers.txt").write_text("\n".join(list(COLOURS) + ["yes", "no"]) + "\n")
-
-    torch.manual_seed(0)
-    vit = ViT(ViTConfig.from_preset("vit-nano-cifar", num_labels=0))
-    save_model(vit, root / "vit")
-    chars = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?!'\n0123456789"
-    base = train_char_tokenizer(chars, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"])
-    tok = Tokenizer.from_tokenizers(base.backend, bos="<|im_start|>", eos="<|im_end|>", pad="<pad>",
-                                    chat_template=CHATML, kind="char")
-    gpt = GPT(GPTConfig.from_preset("nano-llama", vocab_size=tok.vocab_size, block_size=128,
-                                    eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id))
-    save_model(gpt, root / "gpt", tok)
-    return root
+    return make_assets(tmp_path_factory.mktemp("vlm"))
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +37,13 @@ def stage1(assets):
     """Stage 1 on the frozen ViT checkpoint (features precomputed, 2 views). A frozen *random*
     decoder cannot be steered by the projector alone (measured: loss 4.3 -> 3.98 in 200 steps),
     so the nano decoder trains too; stage 2 below tests LoRA."""
+    from polymodal.commands.vlm import train_vlm
+
     out = assets / "run1"
-    assert main(["train-vlm", "--data", str(assets / "flickr"), "--out", str(out), "--vision", str(assets / "vit"),
-                 "--decoder", str(assets / "gpt"), "--pixel-shuffle", "2", "--train-decoder", "--batch-size", "4",
-                 "--lr", "1e-2", "--warmup", "5", "--max-steps", "60", "--eval-every", "30", "--views", "2",
-                 "--no-progress"]) == 0
-    return out, json.loads((out / "summary.json").read_text())
+    res = train_vlm(data=str(assets / "flickr"), out=str(out), vision=str(assets / "vit"), decoder=str(assets / "gpt"),
+                    pixel_shuffle=2, train_decoder=True, batch_size=4, lr=1e-2, warmup=5, max_steps=60, eval_every=30,
+                    views=2, log_every=5, progress=False, dtype="fp32")
+    return out, res
 
 
 def _records(run):
@@ -102,13 +55,13 @@ def test_stage1_overfits_and_writes_a_run_folder(stage1):
     recs = _records(out)
     train = [r["loss"] for r in recs if "loss" in r]
     val = [r["val_loss"] for r in recs if "val_loss" in r]
-    assert summary["frozen_tower"] and summary["steps"] == 60
+    assert summary["frozen_tower"] and summary["step"] == 60 and summary["metric"] == "loss"
     assert train[-1] < 0.05 and train[-1] < 0.02 * train[0], train
-    assert val[-1] < 0.05 < val[0]  # val images are training images here: it must fall the same way
-    assert summary["best_val_loss"] == min(val)
-    for f in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "loss.png", "summary.json"):
+    assert val[-1] < 0.05 and val[-1] <= val[0]  # val images are training images here: it must fall the same way
+    assert summary["best"] == min(val)
+    for f in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "curve.png", "summary.json"):
         assert (out / f).is_file(), f
-    assert (out / "resume" / "checkpoints" / "latest").is_file()
+    assert (out / "checkpoints" / "latest").is_file()
 
 
 def test_caption_command_greedy_beam_and_grid(stage1, assets, capsys):
@@ -123,14 +76,14 @@ def test_caption_command_greedy_beam_and_grid(stage1, assets, capsys):
     with Image.open(png) as im:
         im.load()
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    from polymodal.vlm_commands import caption
+    from polymodal.commands.vlm import caption
 
     beam = caption(model=str(out), image=images, beam=3)
     assert [r["caption"] for r in beam] == [CAPTIONS[c].replace(" .", ".") for c in COLOURS]
 
 
 def test_cached_and_uncached_generation_agree_and_images_matter(stage1, assets):
-    from polymodal.vlm_commands import caption_prompt_ids, load_vlm
+    from polymodal.generate.vlm import caption_prompt_ids, load_vlm
 
     model, tok, proc = load_vlm(stage1[0])
     px = proc([_image(c) for c in COLOURS])
@@ -147,7 +100,7 @@ def test_cached_and_uncached_generation_agree_and_images_matter(stage1, assets):
 
 def test_eval_caption_scores_with_pycocoevalcap(stage1, assets):
     pytest.importorskip("pycocoevalcap")
-    from polymodal.vlm_commands import eval_caption
+    from polymodal.commands.vlm import eval_caption
 
     out = assets / "eval.json"
     res = eval_caption(model=str(stage1[0]), data=str(assets / "flickr"), split="val", beam=1, out=str(out),
@@ -159,49 +112,17 @@ def test_eval_caption_scores_with_pycocoevalcap(stage1, assets):
     assert (assets / "eval.png").is_file()
 
 
-def test_interrupt_then_resume_equals_one_run(assets, stage1, monkeypatch):
-    """Ctrl-C during step 6 (last checkpoint: step 4), then --resume to step 8, gives the weights
-    of one uninterrupted run: batches, views, optimiser state and LoRA adapters all restored."""
-    from polymodal.models.registry import load_model
-    from polymodal.vlm_commands import train_vlm
-
-    kw = dict(data=str(assets / "flickr"), vision=str(assets / "vit"), decoder=str(assets / "gpt"), lora=2,
-              batch_size=3, lr=1e-2, warmup=2, max_steps=8, eval_every=4, val_samples=2, views=2, progress=False)
-    out = assets / "run-resume"
-    calls, clip = [], torch.nn.utils.clip_grad_norm_
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return clip(*a, **k)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_vlm(out=str(out), **kw)
-    monkeypatch.undo()
-    assert (out / "model" / "config.json").is_file()  # the best model so far is saved on Ctrl-C
-    with pytest.raises(ValueError, match="--resume"):
-        train_vlm(out=str(out), **kw)
-    summary = train_vlm(out=str(out), resume=True, **kw)
-    train_vlm(out=str(assets / "run-straight"), **kw)
-    assert summary["steps"] == 8 and [r["step"] for r in _records(out) if "val_loss" in r] == [0, 4, 8]
-    a = load_model(out / "model").state_dict()
-    b = load_model(assets / "run-straight" / "model").state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
-
-
 def test_stage2_trains_on_questions_and_answers(stage1, assets):
     pytest.importorskip("polymodal.data.vqa")
-    from polymodal.vlm_commands import answer_question, load_vlm, train_vlm
+    from polymodal.commands.vlm import train_vlm
+    from polymodal.generate.vlm import answer_question, load_vlm
 
     out = assets / "run2"
     summary = train_vlm(data=str(assets / "easy_vqa"), out=str(out), stage=2, init=str(stage1[0]), lora=8,
-                        batch_size=8, lr=2e-2, warmup=5, max_steps=60, eval_every=30, progress=False)
-    val = [r["val_loss"] for r in _records(out) if "val_loss" in r]
-    assert summary["stage"] == 2 and val[-1] < 0.05 * val[0], val
+                        batch_size=8, lr=2e-2, warmup=5, max_steps=60, eval_every=30, log_every=1, progress=False)
+    train = [r["loss"] for r in _records(out) if "loss" in r]
+    assert summary["stage"] == 2 and summary["metric"] == "accuracy" and summary["best"] == 1.0
+    assert train[-1] < 0.05 * train[0], train
     model, tok, _ = load_vlm(out)
     img = assets / "easy_vqa" / "images"
     assert answer_question(model, tok, img / "2.png", "what colour is it?") == "blue"
@@ -212,7 +133,7 @@ def test_stage2_trains_on_questions_and_answers(stage1, assets):
 def test_chat_with_several_images(stage1, assets, monkeypatch, capsys):
     images = [str(assets / "flickr" / "images" / f"{c}.png") for c in ("red", "blue")]
     monkeypatch.setattr(sys, "stdin", io.StringIO("describe\n"))
-    from polymodal.chat import chat_cmd
+    from polymodal.commands.chat import chat_cmd
 
     history = chat_cmd(model=str(stage1[0]), image=images, temperature=0.0, max_new_tokens=8)
     assert history[0]["content"].count("<image>") == 2 and history[-1]["role"] == "assistant"
@@ -221,7 +142,7 @@ def test_chat_with_several_images(stage1, assets, monkeypatch, capsys):
 
 
 def test_bad_arguments_are_clear(assets):
-    from polymodal.vlm_commands import train_vlm
+    from polymodal.commands.vlm import train_vlm
 
     with pytest.raises(ValueError, match="--init"):
         train_vlm(data=str(assets / "easy_vqa"), out=str(assets / "x"), stage=2)
@@ -263,21 +184,21 @@ def test_stage2_without_init_trains_a_fresh_conv_tower_then_eval_vqa(assets):
     projector (and the nano decoder: a frozen random one learns too slowly, see ``stage1``); the
     loss falls, the answer accuracy is logged, the BatchNorm statistics travel with the weights,
     and eval-vqa scores the checkpoint."""
+    from polymodal.commands.vlm import train_vlm
+    from polymodal.commands.vqa import eval_vqa
     from polymodal.models.registry import load_model
-    from polymodal.vlm_commands import train_vlm
-    from polymodal.vqa_commands import eval_vqa
 
     out = assets / "run-fresh"
     summary = train_vlm(data=str(assets / "easy_vqa"), out=str(out), stage=2, vision="vit-nano-conv64",
                         decoder=str(assets / "gpt"), pixel_shuffle=2, train_decoder=True,
                         vqa_prompt="<image>{question}\n", vqa_chat=False, crop_scale=1.0, flip=True, batch_size=8,
-                        lr=1e-2, warmup=5, max_steps=50, eval_every=25, log_every=5, progress=False)
+                        lr=1e-2, warmup=5, max_steps=50, eval_every=10, log_every=1, progress=False)
     recs = _records(out)
     train = [r["loss"] for r in recs if "loss" in r]
     acc = [r["val_accuracy"] for r in recs if "val_accuracy" in r]
     assert not summary["frozen_tower"] and summary["n_image_tokens"] == 4
     assert train[-1] < 0.3 * train[0], train
-    assert len(acc) == 3 and acc[-1] > acc[0], acc
+    assert len(acc) == 5 and max(acc) >= 0.5, acc
     model = load_model(out / "model")
     assert model.config.vqa_chat is False and model.config.vision.stem == "conv"
     bn = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -285,9 +206,9 @@ def test_stage2_without_init_trains_a_fresh_conv_tower_then_eval_vqa(assets):
     res = eval_vqa(model=str(out), data=str(assets / "easy_vqa"), split="val", progress=False)
     assert res["family"] == "vlm" and res["n"] == 4 and len(res["predictions"]) == 4
     # teacher-forced exact match is what greedy decoding gives: the best step's val set is these 4 questions
-    assert res["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert res["accuracy"] == pytest.approx(summary["best"])
     # a left-padded batch of prompts of different lengths answers as one question at a time does
-    from polymodal.vlm_commands import answer_question, answer_questions, load_vlm
+    from polymodal.generate.vlm import answer_question, answer_questions, load_vlm
 
     m, tok, _ = load_vlm(out)
     qs = json.loads((assets / "easy_vqa" / "train_questions.json").read_text())
@@ -303,8 +224,7 @@ def test_truncate_layers_keeps_the_first_blocks_exactly():
     import copy
 
     from polymodal.models.gpt import GPT, GPTConfig
-    from polymodal.models.vlm import truncate_layers
-    from polymodal.vlm_commands import parse_decoder
+    from polymodal.models.vlm import parse_decoder, truncate_layers
 
     torch.manual_seed(0)
     full = GPT(GPTConfig.from_preset("nano-llama", n_layer=5)).eval()
@@ -339,7 +259,7 @@ def test_smollm2_k_decoder_is_the_real_first_blocks():
     and tied head (bit-identical), its tokenizer and chat template, frozen."""
     import polymodal
     from polymodal.interop import default_model_path
-    from polymodal.vlm_commands import build_vlm
+    from polymodal.models.vlm import build_vlm
 
     try:
         default_model_path()
@@ -357,8 +277,8 @@ def test_smollm2_k_decoder_is_the_real_first_blocks():
 
 
 def test_stage2_needs_init_or_a_tower_and_lora_mlp_adds_mlp_adapters(assets):
+    from polymodal.commands.vlm import train_vlm
     from polymodal.models.gpt import GPTConfig
-    from polymodal.vlm_commands import train_vlm
 
     kw = dict(data=str(assets / "easy_vqa"), stage=2, decoder=str(assets / "gpt"), progress=False)
     with pytest.raises(ValueError, match="--init .*--vision"):

@@ -184,3 +184,31 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
 def format_caption_metrics(m: Mapping) -> str:
     """One line: BLEU-1..4, METEOR, ROUGE-L, CIDEr."""
     return "  ".join(f"{k} {m[k]:.4f}" if m.get(k) is not None else f"{k} n/a" for k in METRICS)
+
+
+def load_references(spec, image_root=None) -> dict[str, list[str]]:
+    """{image file name: reference captions} from a Flickr8k-format folder (every split), a
+    COCO-captions .json, or a text file of ``<image>[#k]<TAB><caption>`` lines."""
+    from pathlib import Path
+
+    from ..data.captions import load_captions
+    from ..data.textio import read_utf8
+
+    p = Path(spec)
+    refs: dict[str, list[str]] = {}
+    if p.is_dir() or p.suffix.lower() == ".json":
+        for r in load_captions(p, "all", image_root):
+            refs.setdefault(r.image.name, []).extend(r.captions)
+        return refs
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such references file or folder")
+    for n, line in enumerate(read_utf8(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, cap = line.partition("\t")
+        if not sep or not cap.strip():
+            raise ValueError(f"{p}:{n}: expected '<image>[#k]<TAB><caption>', got {line[:80]!r}")
+        refs.setdefault(Path(key.split("#")[0].strip()).name, []).append(cap.strip())
+    if not refs:
+        raise ValueError(f"{p}: no reference captions")
+    return refs

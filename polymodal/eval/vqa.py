@@ -31,7 +31,10 @@ match of the normalised strings (``exact_match``).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from ..data.vqa import VQAExample
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -149,3 +152,113 @@ def answer_vocab(answer_lists: Iterable[Sequence[str] | str], min_count: int = 1
             a = normalize_answer(a)
             counts[a] = counts.get(a, 0) + 1
     return [a for a, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
+
+
+# -- VQA as classification: predictions, references, the baseline -------------------------
+def gold(examples: Sequence["VQAExample"]) -> list[str | list[str]]:
+    """What :func:`evaluate_vqa` scores against: one string (exact match) or the human answers (soft)."""
+    return [e.answers[0] if len(e.answers) == 1 else list(e.answers) for e in examples]
+
+
+def majority_baseline(train: Sequence["VQAExample"], evaluated: Sequence["VQAExample"]) -> tuple[str, float]:
+    """(the commonest training answer, its accuracy when predicted for every evaluated question):
+    the language-prior floor a model must clear (Antol et al., 2015, sec. 6, "prior ('yes')")."""
+    top = answer_vocab([e.answers for e in train])[0]
+    return top, evaluate_vqa([top] * len(evaluated), gold(evaluated))["accuracy"]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+    """Right-padded (ids, mask) LongTensors of token rows, ``length`` long (default: the longest row)."""
+    import torch
+
+    longest = max([len(r) for r in rows] + [length or 0])
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
+def predict_fusion(model, tokenizer, cache, examples: Sequence["VQAExample"], batch_size: int = 256,
+                   top_k: int = 1) -> list[list[tuple[str, float]]]:
+    """Top-k (answer, probability) per question of a VisualBERT / ViLBERT that embeds its own
+    pixels (``cache``: a ``polymodal.data.image_cache.PixelCache`` holding the examples' images).
+    Questions are sorted by image, so the stem runs once per image of a batch."""
+    import torch
+
+    from ..tokenizers.question import encode_question
+
+    answers, max_len = model.config.answers, model.config.max_text_len
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: cache.index[examples[i].image])
+    out: list = [None] * len(examples)
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            rows = [cache.index[examples[i].image] for i in idx]
+            uniq = list(dict.fromkeys(rows))
+            where = {r: j for j, r in enumerate(uniq)}
+            ids, mask = pad_rows([encode_question(tokenizer, examples[i].question, max_len) for i in idx],
+                                 tokenizer.pad_id)
+            logits = model(ids.to(device), attention_mask=mask.to(device), pixel_values=cache.pixels(uniq).to(device),
+                           image_index=torch.tensor([where[r] for r in rows], device=device))["vqa"]
+            p, j = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+            for r, i in enumerate(idx):
+                out[i] = [(answers[a], round(float(q), 5)) for a, q in zip(j[r].tolist(), p[r].tolist())]
+    model.train(was_training)
+    return out
+
+
+def load_vqa_model(path):
+    """(model, tokenizer, family) of a VisualBERT / ViLBERT / generative VLM checkpoint or run folder."""
+    from ..interop import load, resolve_model_path
+
+    path = resolve_model_path(path)
+    model, tok = load(path)
+    family = getattr(model.config, "family", None)
+    if family not in ("visualbert", "vilbert", "vlm"):
+        raise ValueError(f"{path}: a {family!r} checkpoint cannot answer questions (need visualbert, vilbert or vlm)")
+    if family != "vlm" and (not model.config.answers or model.config.image_size <= 0):
+        raise ValueError(f"{path}: this {family} checkpoint has no answer list or pixel front end "
+                         "(train it with 'polymodal train-vqa')")
+    if tok is None:
+        raise ValueError(f"{path}: the checkpoint has no tokenizer (tokenizer.json)")
+    return model.eval(), tok, family
+
+
+def predict_answers(model, tokenizer, family: str, examples: Sequence["VQAExample"], batch_size: int = 256,
+                    max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """One answer string per question: a fusion model's top class, or a VLM's greedy text
+    (batched; each answer equals the one-question answer)."""
+    if family == "vlm":
+        from ..generate.vlm import answer_questions
+
+        return answer_questions(model, tokenizer, [e.image for e in examples], [e.question for e in examples],
+                                max_new_tokens=max_new_tokens, progress=progress)
+    from ..data.image_cache import PixelCache
+    from ..data.images import ImageProcessor
+
+    cache = PixelCache(ImageProcessor.from_config(model.config), [e.image for e in examples], progress)
+    return [p[0][0] for p in predict_fusion(model, tokenizer, cache, examples, batch_size)]
+
+
+def baseline_for(data, split: str, image_root, examples: Sequence["VQAExample"], model) -> tuple[str, float, str]:
+    """(answer, accuracy, source) of the most-frequent-answer baseline on ``examples``. The answer
+    comes from training data: the train split beside the evaluated one, else the fusion model's
+    answer list (most frequent first), else (a VLM, no train split) the evaluated split itself."""
+    from pathlib import Path
+
+    from ..data.vqa import load_vqa
+
+    if split != "train" and Path(data).is_dir():
+        try:
+            return (*majority_baseline(load_vqa(data, "train", image_root), examples), "train split")
+        except FileNotFoundError:
+            pass
+    answers = getattr(model.config, "answers", None)
+    if answers:
+        return answers[0], evaluate_vqa([answers[0]] * len(examples), gold(examples))["accuracy"], \
+            "model's training answers"
+    return (*majority_baseline(examples, examples), "evaluated split (oracle)")

@@ -79,14 +79,19 @@ class AnswerHead(nn.Sequential):
                          nn.Linear(2 * dim, num_answers))
 
 
-def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """targets (B,) int answer ids -> cross-entropy; (B, A) float soft scores -> binary
-    cross-entropy summed over answers, averaged over questions (Teney et al., 2018)."""
+    cross-entropy summed over answers (Teney et al., 2018). ``reduction``: the mean over
+    questions, their sum (to normalise by a count of one's own, e.g. a global batch's), or none."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     if targets.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(logits.float(), targets.long())
-    if targets.shape != logits.shape:
-        raise ValueError(f"soft VQA targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+        per = F.cross_entropy(logits.float(), targets.long(), reduction="none")
+    else:
+        if targets.shape != logits.shape:
+            raise ValueError(f"soft VQA targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
+        per = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").sum(-1)
+    return per if reduction == "none" else per.sum() if reduction == "sum" else per.mean()
 
 
 @dataclasses.dataclass
@@ -175,9 +180,22 @@ class _FusionBase(nn.Module):
     def itm_logits(self, *args, **kw) -> torch.Tensor:
         return self.itm_head(self.pooled(*args, **kw))
 
-    def forward(self, *args, **kw) -> dict[str, torch.Tensor]:
-        """{"vqa": (B, num_answers), "itm": (B, 2), "pooled": (B, D)} from one encoder pass."""
-        pooled = self.pooled(*args, **kw)
+    def forward(self, input_ids: torch.Tensor, visual_feats: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_index: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """{"vqa": (B, num_answers), "itm": (B, 2), "pooled": (B, D)} from one encoder pass.
+
+        Visual input: ``visual_feats`` (B, N, visual_dim), or ``pixel_values`` (M, 3, S, S) of M
+        distinct images embedded by the model's own front end, with ``image_index`` (B,) naming
+        each question's image: questions about one image share one stem pass."""
+        if visual_feats is None:
+            if pixel_values is None:
+                raise ValueError("give visual_feats or pixel_values")
+            visual_feats = self.image_features(pixel_values)
+            if image_index is not None:
+                visual_feats = visual_feats[image_index]
+        pooled = self.pooled(input_ids, visual_feats, attention_mask, visual_mask)
         out = {"pooled": pooled, "itm": self.itm_head(pooled)}
         if self.vqa_head is not None:
             out["vqa"] = self.vqa_head(pooled)
@@ -348,3 +366,32 @@ class ViLBERT(_FusionBase):
         h_cls = F.relu(self.text_pool(text[:, 0]))  # ViLBERT's BertTextPooler / BertImagePooler: dense + ReLU
         h_img = F.relu(self.vis_pool(vis[:, 0]))
         return h_cls * h_img
+
+
+def fusion_config(arch: str, answers, vocab_size: int, max_text_len: int, image_size: int = 64,
+                  patch_size: int = 16, image_stem: str = "conv", stem_width: int = 128, width: int = 128,
+                  layers: int = 3, single_layers: int = 1, heads: int = 4, ffn_mult: int = 2,
+                  dropout: float = 0.0) -> "VisualBERTConfig | ViLBERTConfig":
+    """The config of a VisualBERT (``layers`` joint blocks) or ViLBERT (``single_layers`` text-only
+    and vision-only blocks, then ``layers`` co-attention blocks) that embeds its own pixels and
+    names its answers: ``(image_size / patch_size)^2`` visual tokens of ``stem_width`` features
+    (conv stem) or of 3 P^2 raw pixels (patches)."""
+    n_visual = (image_size // patch_size) ** 2
+    visual_dim = stem_width if image_stem == "conv" else 3 * patch_size ** 2
+    common = dict(answers=tuple(answers), num_answers=len(answers), image_size=image_size, image_stem=image_stem,
+                  patch_size=patch_size, vocab_size=vocab_size, max_text_len=max_text_len, max_visual=n_visual,
+                  visual_dim=visual_dim, n_embd=width, n_head=heads, intermediate_size=ffn_mult * width,
+                  dropout=dropout)
+    if arch == "visualbert":
+        return VisualBERTConfig(name="visualbert-vqa", n_layer=layers, **common)
+    if arch == "vilbert":
+        return ViLBERTConfig(name="vilbert-vqa", n_layer=single_layers, v_embd=width, v_layer=single_layers,
+                             v_head=heads, v_intermediate_size=ffn_mult * width, n_co_layer=layers, bi_dim=width,
+                             **common)
+    raise ValueError(f"arch must be 'visualbert' or 'vilbert', got {arch!r}")
+
+
+def build_fusion(arch: str, *args, **kw) -> nn.Module:
+    """The model of :func:`fusion_config` (same arguments)."""
+    cfg = fusion_config(arch, *args, **kw)
+    return (VisualBERT if arch == "visualbert" else ViLBERT)(cfg)

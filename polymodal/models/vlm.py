@@ -78,7 +78,7 @@ class VLMConfig(ConfigBase):
     image_token: str = "<image>"  # the placeholder in prompt text (split out by prompt_ids)
     image_token_id: int = 65  # the placeholder id in the decoder's vocabulary
     suppress_image_token: bool = True
-    # Prompts the training commands used (polymodal.vlm_commands), so inference asks the same way.
+    # Prompts the training task used (polymodal.train.tasks.vlm), so inference asks the same way.
     caption_prompt: str = "<image>"  # stage 1 / ``polymodal caption``: the caption follows this text
     caption_chat: bool = False  # wrap caption_prompt in the chat template as a user turn
     # LLaVA-1.5's short-answer VQA prompt (Liu et al., 2023b, "Improved Baselines...", table 7)
@@ -229,7 +229,12 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); with ``labels``, the next-token loss instead (``loss``), so a
+        training step goes through ``forward`` (what DDP's gradient hooks need)."""
+        if labels is not None:
+            return self.loss(input_ids, pixel_values, labels, attention_mask, image_features)
         if cache is not None and cache.pos > 0:
             # decode step: the image is already in the cache; only the new text token enters
             embeds = self.decoder.wte(input_ids)
@@ -424,6 +429,71 @@ def vlm_from_smollm2(vision: str | dict | ConfigBase = "vit-nano-cifar", *, path
     if lora_rank:
         vlm.add_lora(r=lora_rank, alpha=2.0 * lora_rank)
     return vlm, tokenizer
+
+
+# -- assembly from presets and checkpoints (``polymodal train-vlm``) ------------------------
+LORA_ATTN = ("blocks.*.attn.qkv", "blocks.*.attn.proj")  # VLM.add_lora's default targets
+LORA_MLP = ("blocks.*.mlp.fc", "blocks.*.mlp.proj")
+
+
+def load_vision_tower(spec: str):
+    """(tower module or None, ViT config, pretrained?) from a tower preset name or a checkpoint
+    (a run folder too): a polymodal / Hugging Face CLIP (its image tower), a ViT, or a VLM (its tower)."""
+    from pathlib import Path
+
+    from .vit import ViTConfig
+
+    if Path(spec).exists():
+        from ..interop import load
+
+        model, _ = load(spec)
+        family = getattr(model.config, "family", None)
+        if family in ("clip", "vlm"):
+            tower = model.vision
+        elif family == "vit":
+            tower = model
+        else:
+            raise ValueError(f"{spec}: --vision needs a CLIP, ViT or VLM checkpoint, got family {family!r}")
+        if not isinstance(tower.config, ViTConfig):
+            raise ValueError(f"{spec}: the image tower is a {tower.config.family!r}, which has no patch grid; "
+                             "the VLM needs a ViT tower")
+        return tower, tower.config, True
+    if spec in ViTConfig.presets or spec in TOWER_PRESETS:
+        return None, vision_config(spec), False
+    raise ValueError(f"--vision {spec!r}: not an existing checkpoint path nor a tower preset "
+                     f"({', '.join(sorted({*ViTConfig.presets, *TOWER_PRESETS}))})")
+
+
+def parse_decoder(spec: str) -> tuple[str | None, int]:
+    """``--decoder`` -> (checkpoint path or None for SmolLM2, blocks to keep or 0 for all).
+
+    ``smollm2`` is SmolLM2-135M-Instruct's real weights; ``smollm2:K`` (or ``PATH:K``) keeps only
+    their first K transformer blocks (:func:`truncate_layers`)."""
+    from pathlib import Path
+
+    name, layers = spec, 0
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and not Path(spec).exists():
+        name, layers = head, int(tail)
+        if layers < 1:
+            raise ValueError(f"--decoder {spec!r}: keep at least one block (NAME:K with K >= 1)")
+    return (None if name in ("smollm2", "default", "") else name), layers
+
+
+def build_vlm(vision: str, decoder: str = "smollm2", pixel_shuffle: int = 2, projector: str = "mlp",
+              train_vision: bool | None = None):
+    """(VLM, tokenizer, tower_frozen): the decoder frozen, the projector trainable, the tower frozen
+    when pretrained (or ``train_vision=False``) and trainable when freshly initialised.
+    ``decoder``: see :func:`parse_decoder` (``smollm2:K`` = SmolLM2's first K blocks)."""
+    tower, vcfg, pretrained = load_vision_tower(vision)
+    frozen = pretrained if train_vision is None else not train_vision
+    path, layers = parse_decoder(decoder)
+    vlm, tok = vlm_from_smollm2(vcfg, path=path, pixel_shuffle=pixel_shuffle, projector=projector,
+                                image_token_id="auto", freeze_decoder=True, freeze_vision=frozen,
+                                decoder_layers=layers, vision_model=tower)
+    if tok is None:
+        raise ValueError(f"{decoder}: the decoder checkpoint has no tokenizer")
+    return vlm, tok, frozen
 
 
 VLMConfig.presets["vlm-nano"] = {}
