@@ -201,9 +201,7 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None
         fsdp = self.dist.mode == "fsdp" and self.dist.active
         if ckpt is not None and not fsdp:
-            from ..interop.weight_map import load_into
-
-            load_into(self.raw_model, ckpt.model_sd, str(ckpt.folder / "model.safetensors"))
+            self._load_weights(ckpt)
         self.model = D.wrap(self.raw_model, self.dist)
         groups = task.param_groups(self.raw_model)
         self.optimizer = make_adamw(self.raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2),
@@ -268,6 +266,24 @@ class Trainer:
         spe = self.task.steps_per_epoch()
         return max(1, math.ceil(spe / self.args.grad_accum)) if spe else 250
 
+    def _load_weights(self, ck) -> None:
+        """The checkpoint's weights into the freshly built model: all of them, or exactly the
+        subset the task checkpoints (its frozen rest came from ``build_model()``)."""
+        from ..interop.weight_map import load_into
+
+        src = str(ck.folder / "model.safetensors")
+        keys = self.task.checkpoint_keys(self.raw_model)
+        if keys is None:
+            return load_into(self.raw_model, ck.model_sd, src)
+        own = self.raw_model.state_dict()
+        missing, unexpected = sorted(keys - set(ck.model_sd)), sorted(set(ck.model_sd) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{src}: does not fit this run's model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for k, v in ck.model_sd.items():
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise CheckpointError(f"{src}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        self.raw_model.load_state_dict(dict(ck.model_sd), strict=False)
+
     def _restore(self, ck, fsdp: bool) -> None:
         st = ck.trainer_state
         self.step = int(st["step"])
@@ -305,6 +321,9 @@ class Trainer:
         """Checkpoint now (a collective in multi-process runs; rank 0 writes)."""
         model_sd, opt_sd = D.full_state(self.model, self.optimizer, self.dist)
         keep = set(model_state(self.raw_model))
+        subset = self.task.checkpoint_keys(self.raw_model)
+        if subset is not None:
+            keep &= subset
         model_sd = {k: v for k, v in model_sd.items() if k in keep}
         rngs = {self.dist.rank: capture_rng(None)}
         if self.dist.active:
@@ -317,6 +336,7 @@ class Trainer:
                      "bad_evals": self.bad_evals, "decay_steps": self.decay_steps, "elapsed_s": self.elapsed,
                      "last_eval": self.last_eval, "metric": self.task.metric, "mode": self.task.mode,
                      "world_size": self.dist.world, "recipe": self.recipe,
+                     "weights": "all" if subset is None else "trainable parameters and buffers (the full model is model/)",
                      "data_position": {"micro_batches_drawn": self.step * self.args.grad_accum,
                                        "sampler": "Task.batch(index) is a pure function of the index"}}
             path = save_checkpoint(self.out, step=self.step, model_config=self.raw_model.config, model_sd=model_sd,
@@ -485,7 +505,8 @@ class Trainer:
         last = self.planned_steps if self.planned_steps is not None else math.inf
         if stop_at is not None:
             last = min(last, stop_at)
-        every, ckpt_every = self.eval_every, a.checkpoint_every or self.eval_every
+        every = self.eval_every
+        ckpt_every = a.checkpoint_every or (every if a.eval_every >= 0 else 0)  # 0: only at the end
         self._t0 = time.perf_counter()
         self._start_step = self.step
         bar = self._bar()
@@ -521,12 +542,12 @@ class Trainer:
                     self._postfix(bar, losses["loss"], None)
                     if patience_out:
                         stop_reason = "patience"
-                        if self.step % ckpt_every == 0:
+                        if ckpt_every and self.step % ckpt_every == 0:
                             self.save()
                         break
                 if rec is not None:
                     self.log(rec)
-                if self.step % ckpt_every == 0 and self.step < last:
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < last:
                     self.save()
                 self._advance(bar)
                 if self.step == _KILL_AT_STEP:  # tests: a real kill -9 at a chosen point (see below)

@@ -69,6 +69,12 @@ class Task:
         """Training FLOPs per ``unit`` (forward + backward), for MFU; None when not modelled."""
         return None
 
+    def checkpoint_keys(self, model: nn.Module) -> set[str] | None:
+        """The state-dict keys a training checkpoint must hold (None: all). A task with a large
+        frozen part (SmolLM2 under LoRA) returns :func:`trainable_state_keys`: the frozen weights
+        are rebuilt by ``build_model()`` on resume, so saving them again at every step is waste."""
+        return None
+
     def after_step(self, model: nn.Module) -> None:
         """Runs after every optimizer step (e.g. CLIP clamps its logit scale to log 100)."""
 
@@ -90,6 +96,13 @@ class Task:
     def summary(self) -> dict[str, Any]:
         """Facts about the data, printed once before training (sizes, baselines)."""
         return {}
+
+
+def trainable_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of trainable parameters plus every persistent buffer (BatchNorm statistics,
+    EMA...); non-persistent buffers (RoPE tables) are not in a state dict at all."""
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    return (keys | {n for n, _ in model.named_buffers()}) & set(model.state_dict())
 
 
 def shard(x: torch.Tensor | list, rank: int, world: int):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...generate.vlm import caption_chat as caption_chat_of, end_id, vqa_chat as vqa_chat_of
-from .base import EpochSampler, Task, shard
+from .base import EpochSampler, Task, shard, trainable_state_keys
 
 IGNORE = -100
 
@@ -151,6 +151,11 @@ class VLMTask(Task):
         if not any(p.requires_grad for p in vlm.parameters()):
             raise ValueError("nothing to train: every parameter is frozen")
         return vlm.train(), tok, frozen
+
+    def checkpoint_keys(self, model: nn.Module) -> set[str]:
+        """Checkpoints hold the projector, LoRA, a trainable tower and buffers, not the frozen
+        decoder (540 MB of fp32 SmolLM2 at every save): build_model() rebuilds that on resume."""
+        return trainable_state_keys(model)
 
     def build_model(self) -> nn.Module:
         model, self._built = self._built, None  # the one built in __init__ (its tower made the features)
