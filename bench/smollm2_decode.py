@@ -9,6 +9,12 @@ transformers (fp32 and bf16) and llama.cpp measured in the same run.
     .venv/bin/python bench/smollm2_decode.py                  # full run (minutes)
     .venv/bin/python bench/smollm2_decode.py --quick          # batch 1, bf16 + int4, 32 tokens
     .venv/bin/python bench/smollm2_decode.py --random-weights # no checkpoint: random SmolLM2-shaped model
+    .venv/bin/python bench/smollm2_decode.py --modes bf16,int4,int4-kernel --batch 1 2 4 8 --compile off
+                                                              # where the dense copy beats the int4 kernel
+
+"int4"/"int8" take the per-shape kernel choice (polymodal.inference.quant.DENSE_ROWS: the kernel
+below a row threshold, a dense bf16 copy from there on); "int4-kernel"/"int8-kernel" force the
+kernel at every shape, to measure that threshold. ``--dense-rows`` overrides it.
 
 llama.cpp is timed when ``llama_cpp`` imports (optional extra ``bench-llamacpp``; build line in
 docs/inference.md). Compile times are printed separately and not counted in tok/s.
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from polymodal.inference import greedy_decode, prepare_for_decoding
+from polymodal.inference import greedy_decode, prepare_for_decoding, set_quant_impl
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 
@@ -100,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="fp32,bf16,int8,int4", help="our weight formats, comma separated")
+    ap.add_argument("--dense-rows", type=int, default=None, help="override the rows at which int4/int8 take "
+                    "the dense bf16 copy (0 = never)")
     ap.add_argument("--compile", choices=["off", "on", "both"], default="both")
     ap.add_argument("--compile-scope", choices=["block", "step"], default="block")
     ap.add_argument("--no-transformers", action="store_true")
@@ -121,10 +129,14 @@ def main(argv=None):
     for mode in args.modes.split(","):
         for comp in compiles:
             dtype = torch.float32 if mode == "fp32" else torch.bfloat16
-            quant = mode if mode in ("int8", "int4") else "none"
+            quant = mode.removesuffix("-kernel") if mode.startswith(("int8", "int4")) else "none"
             t0 = time.perf_counter()
             fd = prepare_for_decoding(copy.deepcopy(base), "cpu", dtype=dtype, quant=quant, compile=comp,
                                       compile_scope=args.compile_scope)
+            if mode.endswith("-kernel"):
+                set_quant_impl(fd, "fast")  # the kernel at every shape (no dense copy)
+            elif args.dense_rows is not None:
+                set_quant_impl(fd, "auto", dense_rows=args.dense_rows or None)
             name = f"ours {mode}" + (" +compile" if comp else "")
             print(f"prepared {name} in {time.perf_counter() - t0:.1f}s", flush=True)
             contenders[name] = lambda ids, fd=fd: time_ours(fd, ids, args.new_tokens)

@@ -10,7 +10,10 @@ Tolerances (all relative to the magnitude of the reference output):
   < 0.06 (int8; measured 0.031), < 0.5 (int4, group 32; measured 0.32);
 * greedy tokens of the quantised tiny GPT vs fp32: >= 12 (int8) / >= 8 (int4) of the first 16
   (measured 16/16 for seeds 0-2);
-* static decode (eager) vs the model's own cached forward: 1e-5 absolute in fp32.
+* static decode (eager) vs the model's own cached forward: 1e-5 absolute in fp32;
+* every layout (Int8Linear, Int4Linear affine/symmetric, Int8GroupLinear symmetric/affine), kernel
+  and dense-copy paths vs dequantise + F.linear, at batch 1 and batch 8: 2e-2 (bf16 as above);
+* refined output logits (top 16 recomputed in fp32) vs x W^T in fp32: 1e-5 relative.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import pytest
 import torch
 from torch import nn
 
-from polymodal.inference import (FastDecoder, Int4Linear, Int8Linear, QuantLinear, greedy_decode,
-                                 prepare_for_decoding, quantize, set_quant_impl)
-from polymodal.inference.quant import _HAS_INT4_KERNEL, _HAS_INT8_KERNEL
+from polymodal.inference import (FastDecoder, Int4Linear, Int8GroupLinear, Int8Linear, QuantFactors, QuantLinear,
+                                 greedy_decode, layer_from_factors, prepare_for_decoding, quantize, resolve_quant,
+                                 set_quant_impl)
+from polymodal.inference.quant import _HAS_INT4_KERNEL, _HAS_INT8_KERNEL, DENSE_ROWS, REFINE_TOP, _native_bf16
 from polymodal.models.gpt import GPT, GPTConfig
 
 
@@ -62,13 +66,14 @@ def test_int4_packing_roundtrip_and_error(n_out, n_in, bias, group):
     assert (err <= s / 2 + 4e-3 * lin.weight.abs().max()).all()
 
 
-def _check_fast_against_reference(q, x, out_shape, tol=2e-2):
-    """The packed kernel (impl="fast") and the dequantise path agree in fp32 and bf16."""
+def _check_fast_against_reference(q, x, out_shape, tol=2e-2, impl="fast"):
+    """The packed kernel (impl="fast"; or the dense copy, or "auto") and the dequantise path
+    agree in fp32 and bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
         q.impl = "reference"
         ref = q(xd)
-        q.impl = "fast"
+        q.impl = impl
         fast = q(xd)
         assert fast.shape == out_shape and fast.dtype == dtype
         assert rel(fast, ref) < tol, (dtype, rel(fast, ref))
@@ -94,6 +99,104 @@ def test_int4_fast_matches_reference(n_out, group, bias):
     x = torch.randn(2, 3, 128)
     _check_fast_against_reference(q, x, (2, 3, n_out))
     assert rel(q(x), lin(x)) < 0.2  # 4 bits: ~1/30 of a group's range per weight
+
+
+def _factors(bits: int, affine: bool, n_out=40, n_in=128, g=32, seed=0) -> QuantFactors:
+    """Random codes and fp16-valued scales/mins, as a GGUF file would hold them."""
+    gen = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        q = torch.randint(0, 16, (n_out, n_in), generator=gen, dtype=torch.uint8)
+    else:
+        q = torch.randint(-128, 128, (n_out, n_in), generator=gen).to(torch.int8)
+    s = (torch.rand(n_out, n_in // g, generator=gen) * 0.01 + 0.001).half().float()
+    m = (torch.randn(n_out, n_in // g, generator=gen) * 0.05).half().float() if affine else None
+    return QuantFactors(q, s, m, g, bits, f"random {bits}-bit")
+
+
+LAYOUTS = {  # every layout the quantiser and the GGUF repacking produce
+    "int8 per channel": lambda bias: Int8Linear.from_linear(_linear(40, 128, bias)),
+    "int4 min/max": lambda bias: Int4Linear.from_linear(_linear(40, 128, bias), 32),
+    "int4 symmetric (Q4_0)": lambda bias: layer_from_factors(_factors(4, False), _bias(bias)),
+    "int4 affine (Q4_1, Q4_K)": lambda bias: layer_from_factors(_factors(4, True), _bias(bias)),
+    "int8 groups symmetric (Q8_0, Q5_0)": lambda bias: layer_from_factors(_factors(8, False), _bias(bias)),
+    "int8 groups affine (Q5_1, Q5_K)": lambda bias: layer_from_factors(_factors(8, True), _bias(bias)),
+}
+
+
+def _bias(on: bool):
+    return torch.linspace(-0.1, 0.1, 40) if on else None
+
+
+@pytest.mark.skipif(not (_HAS_INT4_KERNEL and _HAS_INT8_KERNEL), reason="CPU quantised kernels missing")
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fast_path_equals_reference_path(layout, batch):
+    """Kernel, dense copy and the per-shape choice ("auto") against dequantise + F.linear, for
+    fp32 and bf16 activations, at batch 1 (decode) and batch 8 (batched decode), with a bias
+    and out_features = 40 (padded to 48 for the int4 kernel)."""
+    q = LAYOUTS[layout](True)
+    x = torch.randn(batch, 1, 128, generator=torch.Generator().manual_seed(1))
+    for impl in ("fast", "dense", "auto"):
+        _check_fast_against_reference(q, x, (batch, 1, 40), impl=impl)
+    q.impl = "auto"
+    assert q.path_for(x) == ("dense" if batch >= q.dense_rows else "kernel")
+
+
+def test_kernel_choice_rule():
+    """"auto": the kernel below ``dense_rows`` rows (batch x tokens), the dense bf16 copy from there
+    on; the thresholds follow the CPU (native bf16 or not); None turns the copy off."""
+    q = Int4Linear.from_linear(_linear(40, 128, False), 32)
+    g = Int8GroupLinear(_factors(8, False))
+    assert q.dense_rows == DENSE_ROWS[_native_bf16()]["int4"] and g.dense_rows == DENSE_ROWS[_native_bf16()]["int8"]
+    rows = lambda n, dtype=torch.bfloat16: torch.zeros(n, 128, dtype=dtype)  # noqa: E731
+    if _HAS_INT4_KERNEL:
+        assert q.path_for(rows(q.dense_rows - 1)) == "kernel"
+        assert q.path_for(rows(q.dense_rows)) == "dense"
+        assert q.path_for(torch.zeros(2, q.dense_rows, 128)) == "dense"  # prefill: rows = batch x tokens
+        assert q._dense is None  # built on first use only
+        q(rows(q.dense_rows))
+        assert q._dense is not None and q._dense.dtype == torch.bfloat16 and "_dense" not in q.state_dict()
+        model = nn.Sequential(q)
+        set_quant_impl(model, "auto", dense_rows=None)
+        assert q.path_for(rows(64)) == "kernel"
+        set_quant_impl(model, "fast", dense_rows=4)
+        assert q.path_for(rows(64)) == "kernel" and q.dense_rows == 4
+    assert q.path_for(rows(1, torch.float16)) == "reference"  # the kernels run bf16 (fp32 cast) only
+    q.impl = "reference"
+    assert q.path_for(rows(1)) == "reference"
+
+
+@pytest.mark.parametrize("layout", ["int8 per channel", "int4 affine (Q4_1, Q4_K)",
+                                    "int8 groups symmetric (Q8_0, Q5_0)"])
+def test_output_projection_logits_are_refined_in_fp32(layout):
+    """The top REFINE_TOP logits of an output projection are exact fp32 dot products, so a bf16
+    tie (0.125 apart near 25) cannot pick the wrong token; the rest keep their bf16 values."""
+    q = LAYOUTS[layout](False)
+    q.refine_top = REFINE_TOP
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    exact = x @ q.dequantize().t()
+    for impl in ("fast", "dense"):
+        q.impl = impl
+        y = q(x.to(torch.bfloat16))
+        assert y.dtype == torch.float32
+        top = exact.topk(3, dim=-1).indices
+        # the true top tokens are refined and exact up to the bf16 rounding of x
+        exact_bf16x = x.to(torch.bfloat16).float() @ q.dequantize().t()
+        assert rel(y.gather(-1, top), exact_bf16x.gather(-1, top)) < 1e-5
+        assert torch.equal(y.argmax(-1), exact_bf16x.argmax(-1))
+        y32 = q(x)  # fp32 activations: refined from the fp32 x itself
+        assert rel(y32.gather(-1, top), exact.gather(-1, top)) < 1e-5
+
+
+def test_resolve_quant():
+    model = _tiny()
+    assert resolve_quant(model, "cpu", "auto") is None  # a float checkpoint runs as stored
+    model.quant_source = object()
+    assert resolve_quant(model, "cpu", "auto") == "checkpoint"
+    assert resolve_quant(model, "cuda", "auto") is None
+    assert resolve_quant(model, "cpu", "int4") == "int4" and resolve_quant(model, "cpu", "none") is None
+    with pytest.raises(ValueError, match="int3"):
+        resolve_quant(model, "cpu", "int3")
 
 
 def test_per_layer_modes_and_skip():
@@ -129,14 +232,17 @@ def test_quantised_gpt_logits_close_to_fp32(mode, bound):
         assert n_quant == 4 * model.config.n_layer + 1  # qkv, proj, fc, proj per layer + lm_head
         assert not any(type(m) is nn.Linear for m in model.modules())
         assert model.wte.weight.dtype == torch.float32  # the embedding lookup still works, in float
-        out = model(ids)
+        out = model(ids)  # 48 rows: "auto" takes the dense bf16 copy
+        set_quant_impl(model, "fast")  # the kernels at every shape: each row is its own GEMV, so
+        out_kernel = model(ids)  # a row's result does not depend on the other rows
         last = model(ids, last_only=True)  # a strided (B, 1, C) view reaches the kernels
         set_quant_impl(model, "reference")
         out_ref = model(ids)
     err = ((out - ref).abs().max() / ref.std()).item()
     assert err < bound, f"{mode}: max|diff|/std = {err:.3f}"
-    assert rel(out, out_ref) < 3e-2  # kernels (bf16 inside) vs dequantise + fp32 F.linear
-    assert rel(last, out[:, -1:]) < 1e-5
+    assert rel(out, out_ref) < 3e-2  # dense bf16 copy vs dequantise + fp32 F.linear
+    assert rel(out_kernel, out_ref) < 3e-2  # kernels (bf16 inside) vs the same
+    assert rel(last, out_kernel[:, -1:]) < 1e-5
 
 
 @pytest.mark.parametrize("mode,dtype,n_match", [("int8", torch.bfloat16, 12), ("int4", torch.bfloat16, 8)])

@@ -202,7 +202,7 @@ def prepare_for_decoding(
     model: nn.Module,
     device: torch.device | str = "cpu",
     dtype: str | torch.dtype = "auto",
-    quant: Literal["auto", "int8", "int4", "none"] | None = "auto",
+    quant: Literal["auto", "int8", "int4", "checkpoint", "none"] | None = "auto",
     compile: bool | Literal["auto"] = "auto",
     group_size: int = 32,
     compile_mode: str | None = None,
@@ -213,7 +213,9 @@ def prepare_for_decoding(
 
     ``"auto"`` picks the measured fastest correct setting for ``device`` (see
     ``default_plan``); pass explicit values to override. Quantisation applies to
-    CPU only by default; ``quant="none"`` keeps float weights.
+    CPU only by default; ``quant="none"`` keeps float weights. Layers that the checkpoint stores
+    quantised (a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q5_* blocks, ``model.quant_source``) keep the file's own
+    codes and scales with any quantising ``quant``; ``quant="checkpoint"`` quantises only those.
     ``quant_modes``: per-layer overrides for ``quantize``; None = with int4, keep the output
     projection in int8 (on SmolLM2 an int4 lm_head cut the greedy agreement with fp32 from
     32/32 to 5-13 tokens; int8 there costs ~3 ms/token more at batch 1, docs/inference.md).
@@ -241,6 +243,20 @@ def prepare_for_decoding(
     for p in model.parameters():
         p.requires_grad_(False)
     return FastDecoder(model, compile=bool(compile), compile_mode=compile_mode, compile_scope=compile_scope)
+
+
+def resolve_quant(model: nn.Module, device: torch.device | str, quant: str = "auto") -> str | None:
+    """What a command's ``--quantize`` means for ``model``: "auto" -> "checkpoint" on CPU when the
+    checkpoint is stored quantised (``model.quant_source``: it then runs its own blocks in the int4
+    kernels, exact to the file), else None (float, as stored); "none" -> None; others unchanged."""
+    if quant == "auto":
+        has_blocks = getattr(model, "quant_source", None) is not None
+        return "checkpoint" if has_blocks and torch.device(device).type == "cpu" else None
+    if quant in ("none", None):
+        return None
+    if quant not in ("int8", "int4", "checkpoint"):
+        raise ValueError(f"unknown quantisation {quant!r}; choose from auto, none, int8, int4, checkpoint")
+    return quant
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,

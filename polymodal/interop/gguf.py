@@ -12,12 +12,21 @@ written from the block layouts of ggml (``ggml/src/ggml-common.h``,
 | Q8_0 | 32    | 34    | d:f16, q[32]:i8                                | d q_i                      |
 | Q4_0 | 32    | 18    | d:f16, qs[16]: low nibbles = x0..15, high = x16..31 | d (q_i - 8)           |
 | Q4_1 | 32    | 20    | d:f16, m:f16, qs[16] (as Q4_0)                 | d q_i + m                  |
+| Q5_0 | 32    | 22    | d:f16, qh:u32 (bit i = fifth bit of x_i), qs[16] | d (q_i - 16)             |
+| Q5_1 | 32    | 24    | d:f16, m:f16, qh:u32, qs[16]                   | d q_i + m                  |
 | Q4_K | 256   | 144   | d:f16, dmin:f16, scales[12] (8 x 6-bit scale + 6-bit min), qs[128] | d sc_j q_i - dmin m_j |
+| Q5_K | 256   | 176   | as Q4_K plus qh[32] (bit j = fifth bit of sub-block j) before qs | as Q4_K  |
 | Q6_K | 256   | 210   | ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16]:i8, d:f16 | d sc_j (q_i - 32) |
 
 In Q4_K each 64 outputs read 32 bytes of ``qs``: low nibbles are sub-block 2c,
 high nibbles sub-block 2c+1. In Q6_K each 128 outputs read 64 bytes of ``ql``
-and 32 of ``qh``; output o uses scale o // 16.
+and 32 of ``qh``; output o uses scale o // 16. Every other type the installed ``gguf``
+package dequantises (Q2_K, Q3_K, IQ*, TQ*, MXFP4, ...) goes through ``gguf.quants.dequantize``.
+
+The blocks of Q4_0/Q4_1/Q4_K and Q8_0/Q5_* linear weights are also kept, moved by the same
+weight map (fusion and the RoPE row permutation act on whole block rows), as
+``model.quant_source``: ``polymodal.inference.quantize`` repacks them into its int4 kernel
+layouts with no re-quantisation (``block_factors``: the codes, fp32 scales and mins; exact).
 
 Tensor names (llama architecture, ``gguf.constants.MODEL_TENSORS``) map to ours
 through the same declarative ``WeightMap`` as Hugging Face checkpoints.
@@ -39,7 +48,8 @@ to a cache (``$POLYMODAL_CACHE``, default ``~/.cache/polymodal``) keyed by the f
 SHA-256: copies of one file share an entry. The hash is remembered in ``index.json``
 under the file's path, size and mtime, so later loads read only the cached folder; an
 entry no existing file maps to any more is pruned when a new one is written
-(``polymodal cache`` lists and clears them).
+(``polymodal cache`` lists and clears them). The entry also holds the quantised blocks
+(``gguf_blocks.safetensors``), read one weight at a time when the model is quantised.
 """
 from __future__ import annotations
 
@@ -58,16 +68,16 @@ from ..io import CheckpointError
 from ..models.gpt import GPTConfig
 from .weight_map import Rule, WeightMap, copy, custom, fuse
 
-CACHE_VERSION = "1"  # bump when the cached layout or the conversion changes
+CACHE_VERSION = "2"  # bump when the cached layout or the conversion changes (2: + gguf_blocks.safetensors)
 
 # ---------------------------------------------------------------------------------- dequantisers
 # ggml type ids (ggml.h enum ggml_type); kept here so the library does not depend on gguf's enum values.
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K",
-              BF16: "BF16"}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0",
+              Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", BF16: "BF16"}
 # type -> (elements per block, bytes per block)
-BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20),
-         Q4_K: (256, 144), Q6_K: (256, 210)}
+BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
+         Q5_1: (32, 24), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -76,34 +86,87 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """(N, 16) packed bytes -> (N, 32): low nibbles are elements 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+    """(N, 16) packed bytes -> (N, 32) uint8: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
 
 
-def dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks[:, :2]) * np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float32)
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """(N, 4) bytes = one little-endian uint32 -> (N, 32) uint8: bit i is element i's fifth bit."""
+    return ((np.ascontiguousarray(qh).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
-def dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks[:, :2]) * (_nibbles(blocks[:, 2:]) - 8.0)
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """get_scale_min_k4: 8 six-bit scales and mins from 12 bytes; the top 2 bits of sub-blocks 4..7
+    hide in the spare high bits of bytes 0..7."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
-    return _f16(blocks[:, :2]) * _nibbles(blocks[:, 4:]) + _f16(blocks[:, 2:4])
+# Blocks -> the integers and per-group factors that define them: (q, scales, mins or None, group, bits).
+# bits 4: q in [0, 15] and x = s q + m, or x = s (q - 8) without m (Q4_0's own form, kept so that
+# even the sign of a zero matches ggml); bits 8: q int8 and x = s q (+ m).
+# The products (fp16 d) x (6-bit sc) of the K-quants are exact in fp32, so these factors are exact.
+def _factors_q4_0(b):
+    return _nibbles(b[:, 2:]), _f16(b[:, :2]), None, 32, 4
+
+
+def _factors_q4_1(b):
+    return _nibbles(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4]), 32, 4
+
+
+def _factors_q8_0(b):
+    return np.ascontiguousarray(b[:, 2:]).view(np.int8), _f16(b[:, :2]), None, 32, 8
+
+
+def _factors_q5_0(b):  # d:f16, qh:u32 (fifth bits), qs[16]; x = d (q - 16)
+    q = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    return (q.astype(np.int16) - 16).astype(np.int8), _f16(b[:, :2]), None, 32, 8
+
+
+def _factors_q5_1(b):  # d:f16, m:f16, qh:u32, qs[16]; x = d q + m
+    q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
+    return q.astype(np.int8), _f16(b[:, :2]), _f16(b[:, 2:4]), 32, 8
+
+
+def _k_quant_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K ``qs``: each 64 outputs read 32 bytes, low nibbles = sub-block 2c, high = 2c+1."""
+    n = qs.shape[0]
+    qs = qs.reshape(n, 4, 1, 32)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 256)
+
+
+def _factors_q4_k(b):  # d, dmin:f16, scales[12], qs[128]; x = (d sc_j) q - dmin mn_j
+    sc, mn = _k_scales(b[:, 4:16])
+    return _k_quant_nibbles(b[:, 16:144]), _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn), 32, 4
+
+
+def _factors_q5_k(b):  # d, dmin, scales[12], qh[32] (bit j = sub-block j's fifth bit), qs[128]
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = (b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = _k_quant_nibbles(b[:, 48:176]) | (qh.reshape(n, 256) << 4)
+    return q.astype(np.int8), _f16(b[:, 0:2]) * sc, -(_f16(b[:, 2:4]) * mn), 32, 8
+
+
+_FACTORS = {Q4_0: _factors_q4_0, Q4_1: _factors_q4_1, Q8_0: _factors_q8_0, Q5_0: _factors_q5_0,
+            Q5_1: _factors_q5_1, Q4_K: _factors_q4_k, Q5_K: _factors_q5_k}
+
+
+def _dequant_factors(q, s, m, g, bits) -> np.ndarray:
+    """x from the factors, with the fp32 operations of gguf.quants in the same order (bit-exact)."""
+    n = q.shape[0]
+    q = q.reshape(n, -1, g).astype(np.float32)
+    if bits == 4 and m is None:
+        q = q - 8.0
+    x = q * s.reshape(n, -1, 1)
+    if m is not None:
+        x = x + m.reshape(n, -1, 1)
+    return x.reshape(n, -1)
 
 
 def dequant_q4_k(blocks: np.ndarray) -> np.ndarray:
-    n = blocks.shape[0]
-    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-    s = blocks[:, 4:16]
-    # get_scale_min_k4: 8 six-bit scales and mins; the top 2 bits of sub-blocks 4..7 hide
-    # in the spare high bits of bytes 0..7.
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    qs = blocks[:, 16:144].reshape(n, 4, 1, 32)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
-    out = (d * sc.astype(np.float32))[:, :, None] * q - (dmin * mn.astype(np.float32))[:, :, None]
-    return out.reshape(n, 256)
+    return _dequant_factors(*_factors_q4_k(blocks))
 
 
 def dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
@@ -118,30 +181,48 @@ def dequant_q6_k(blocks: np.ndarray) -> np.ndarray:
     return (d * np.repeat(scales, 16, axis=1)) * q
 
 
-_DEQUANT = {Q8_0: dequant_q8_0, Q4_0: dequant_q4_0, Q4_1: dequant_q4_1, Q4_K: dequant_q4_k, Q6_K: dequant_q6_k}
-
-
 def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int, what: str = "tensor") -> np.ndarray:
-    """Raw little-endian bytes of one tensor -> flat float32 array of ``n_elements``."""
-    if ggml_type not in BLOCK:
-        raise CheckpointError(f"{what}: unsupported quantisation type {_type_name(ggml_type)}; "
-                              f"supported: {sorted(TYPE_NAMES.values())}")
-    per_block, nbytes = BLOCK[ggml_type]
+    """Raw little-endian bytes of one tensor -> flat float32 array of ``n_elements``.
+
+    Our vectorised code for the types above; every other type the installed ``gguf`` package
+    can dequantise (Q2_K, Q3_K, IQ*, TQ*, MXFP4, ...) through ``gguf.quants.dequantize``."""
+    per_block, nbytes = BLOCK.get(ggml_type) or _gguf_block(ggml_type, what)
+    name = TYPE_NAMES.get(ggml_type) or _type_name(ggml_type)
     raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if n_elements % per_block:
-        raise CheckpointError(f"{what}: {n_elements} elements is not a multiple of the {TYPE_NAMES[ggml_type]} "
-                              f"block size {per_block}")
+        raise CheckpointError(f"{what}: {n_elements} elements is not a multiple of the {name} block size {per_block}")
     want = n_elements // per_block * nbytes
     if raw.size != want:
-        raise CheckpointError(f"{what}: {raw.size} bytes of {TYPE_NAMES[ggml_type]} data, expected {want} "
-                              "(truncated or corrupt file)")
+        raise CheckpointError(f"{what}: {raw.size} bytes of {name} data, expected {want} (truncated or corrupt file)")
     if ggml_type == F32:
         return raw.view(np.float32).copy()
     if ggml_type == F16:
         return raw.view(np.float16).astype(np.float32)
     if ggml_type == BF16:  # bfloat16 is the top half of a float32
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return _DEQUANT[ggml_type](raw.reshape(-1, nbytes)).reshape(-1)
+    blocks = raw.reshape(-1, nbytes)
+    if ggml_type in _FACTORS:
+        return _dequant_factors(*_FACTORS[ggml_type](blocks)).reshape(-1)
+    if ggml_type == Q6_K:
+        return dequant_q6_k(blocks).reshape(-1)
+    import gguf
+
+    return np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(ggml_type)), np.float32).reshape(-1)
+
+
+def _gguf_block(ggml_type: int, what: str) -> tuple[int, int]:
+    """(elements, bytes) per block of a type only the ``gguf`` package dequantises, or a clear error."""
+    try:
+        import gguf
+
+        t = gguf.GGMLQuantizationType(ggml_type)
+        size = gguf.GGML_QUANT_SIZES[t]
+        gguf.quants.dequantize(np.zeros(size[1], np.uint8), t)  # one zero block: raises if unsupported
+        return size
+    except (ImportError, ValueError, KeyError, NotImplementedError):
+        pass
+    raise CheckpointError(f"{what}: unsupported quantisation type {_type_name(ggml_type)}; supported: "
+                          f"{sorted(TYPE_NAMES.values())} and what gguf.quants dequantises")
 
 
 def _type_name(t: int) -> str:
@@ -459,6 +540,98 @@ def model_from_gguf(f: GGUFFile) -> torch.nn.Module:
     return model.eval()
 
 
+# -------------------------------------------------------------------- quantised blocks for kernels
+# Types whose blocks become a layout of polymodal.inference.quant unchanged (the 4- and 8-bit
+# codes with their per-32 scales and mins): Q4_0/Q4_1/Q4_K -> Int4Linear, Q8_0/Q5_0/Q5_1/Q5_K ->
+# Int8GroupLinear. Q6_K's groups of 16 are finer than torch's int4 kernel allows (32..256), so a
+# Q6_K layer is dequantised and quantised like a float one.
+REPACKABLE = tuple(_FACTORS)
+BLOCKS_FILE = "gguf_blocks.safetensors"
+
+
+def block_factors(rows, ggml_type: int, label: str | None = None):
+    """(out, bytes per row) uint8 blocks of one matrix -> ``polymodal.inference.quant.QuantFactors``."""
+    from ..inference.quant import QuantFactors
+
+    rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    n_rows = rows.shape[0]
+    q, s, m, g, bits = _FACTORS[ggml_type](np.ascontiguousarray(rows).reshape(-1, BLOCK[ggml_type][1]))
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n_rows, -1))  # noqa: E731
+    return QuantFactors(t(q), t(s), None if m is None else t(m), g, bits,
+                        label or f"GGUF {TYPE_NAMES[ggml_type]}")
+
+
+def quant_blocks(f: GGUFFile, config: GPTConfig) -> dict[str, tuple[int, torch.Tensor]]:
+    """Our linear-weight name -> (ggml type, (out, bytes per row) uint8 blocks), for the weights the
+    file stores in a REPACKABLE type. The same weight map as the float load moves the blocks: a
+    block is a run of one row, so fusing (cat of rows) and the Q/K RoPE un-permutation (a row
+    order) apply to block rows as to float rows. A fused matrix whose parts have different types
+    (e.g. Q4_K_M's Q6_K attn_v beside Q4_K attn_q/k) has no single layout and is left out."""
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    for r in gguf_weight_map(config, f.meta("general.architecture")).rules:
+        ts = [f.tensors.get(n) for n in r.hf]
+        if len(r.ours) != 1 or any(t is None or len(t.shape) != 2 for t in ts):
+            continue
+        types = {int(t.tensor_type) for t in ts}
+        qt = types.pop()
+        if types or qt not in REPACKABLE:
+            continue
+        rows = [torch.from_numpy(np.array(t.data, copy=True).view(np.uint8).reshape(f.shape(n)[0], -1))
+                for n, t in zip(r.hf, ts)]
+        (ours,) = r.ours
+        if ours == "wte.weight":  # the embedding is a lookup, not a matmul: only a tied lm_head uses it
+            if not config.tie_embeddings:
+                continue
+            ours = "lm_head.weight"
+        out[ours] = (qt, r.to_ours(rows)[0].contiguous())
+    return out
+
+
+class GGUFQuantSource:
+    """``model.quant_source`` of a model read from a quantised GGUF file: the file's own blocks,
+    by our parameter name, as ``QuantFactors`` for ``polymodal.inference.quantize``.
+
+    Holds the blocks in memory, or only the path of the cache's ``gguf_blocks.safetensors``
+    (read per weight on demand, so a cached load reads none of them until quantising)."""
+
+    def __init__(self, blocks: dict[str, tuple[int, torch.Tensor]] | None = None, path: str | Path | None = None):
+        self.blocks, self.path = blocks, None if path is None else Path(path)
+
+    def names(self) -> list[str]:
+        if self.blocks is not None:
+            return list(self.blocks)
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as fh:
+            return list(fh.keys())
+
+    def raw(self, name: str) -> tuple[int, torch.Tensor] | None:
+        if self.blocks is not None:
+            return self.blocks.get(name)
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as fh:
+            if name not in fh.keys():
+                return None
+            return int(fh.metadata()[name]), fh.get_tensor(name)
+
+    def factors(self, name: str):
+        try:
+            got = self.raw(name)
+            return None if got is None else block_factors(got[1], got[0])
+        except Exception as e:  # a damaged cache file (safetensors raises its own error type)
+            warnings.warn(f"{self.path or 'GGUF blocks'}: cannot read the blocks of {name!r} ({e}); "
+                          "it is quantised from its float weights instead", stacklevel=3)
+            return None
+
+    def save(self, path: str | Path) -> None:
+        from ..io import save_safetensors
+
+        assert self.blocks is not None
+        save_safetensors({k: v for k, (_, v) in self.blocks.items()}, path,
+                         metadata={k: str(t) for k, (t, _) in self.blocks.items()})
+
+
 # ------------------------------------------------------------------------------------- tokenizer
 # tokenizer.ggml.pre -> the split regex llama.cpp applies before byte-level BPE (llama-vocab.cpp).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -644,6 +817,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if folder is not None and (folder / "model.safetensors").is_file():
         try:
             model = _load_cached_model(folder, device, dtype)
+            if (folder / BLOCKS_FILE).is_file():  # the file's quantised blocks, read when quantising
+                model.quant_source = GGUFQuantSource(path=folder / BLOCKS_FILE)
             tok = None
             if (folder / "tokenizer.json").is_file():
                 from ..tokenizers import Tokenizer
@@ -655,12 +830,23 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     f = GGUFFile(path)
     model = model_from_gguf(f)
     tok = tokenizer_from_gguf(f)
+    blocks = quant_blocks(f, model.config)
     if folder is not None:
+        from ..io import atomic_dir
+
         try:
-            save_model(model, folder, tokenizer=tok)  # atomic: a crash leaves no half-written entry
+            with atomic_dir(folder) as tmp:  # one rename: a crash leaves no half-written entry
+                save_model(model, tmp, tokenizer=tok)
+                if blocks:
+                    GGUFQuantSource(blocks).save(tmp / BLOCKS_FILE)
+            if blocks:  # read back on demand, as after a cached load, instead of held in memory
+                blocks = None
+                model.quant_source = GGUFQuantSource(path=folder / BLOCKS_FILE)
             clear_cache(unused_only=True, min_age_s=600)  # older conversions of changed or deleted files go
         except OSError as e:
             warnings.warn(f"could not write the GGUF cache {folder}: {e}", stacklevel=2)
+    if blocks:  # polymodal.inference.quantize repacks these instead of re-quantising the float weights
+        model.quant_source = GGUFQuantSource(blocks)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model, tok
 
