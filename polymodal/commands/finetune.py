@@ -28,7 +28,10 @@ def finetune(task: TaskName, model: str | None = None, data: str | None = None, 
              batch_size: int = 32, grad_accum: int = 1, max_length: int = 128, stride: int = 128,
              weight_decay: float = 0.01, warmup: float = 0.1, eval_every: int = 0, patience: int = 3,
              max_train: int | None = None, max_val: int | None = None,
-             head: Literal["auto", "pooler", "roberta", "mean"] = "auto", seed: int = 0, device: str = "auto",
+             val_split: Literal["val", "sentences", "heldout-docs"] = "val", val_size: int = 0, bucket: int = 0,
+             layer_decay: float = 1.0, ema: float = 0.0, label_smoothing: float = 0.0, sentence_weight: float = 1.0,
+             cased: bool = False, crf: bool = False, head: Literal["auto", "pooler", "roberta", "mean"] = "auto", seed: int = 0,
+             device: str = "auto",
              dtype: Literal["auto", "bf16", "fp32"] = "auto", threads: int = 0, compile: bool = False,
              progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune a backbone on a text task (GLUE/SuperGLUE classification or regression, CoNLL NER, SQuAD QA).
@@ -56,6 +59,15 @@ def finetune(task: TaskName, model: str | None = None, data: str | None = None, 
         patience: stop after this many evaluations without a better val metric (0 = never)
         max_train: use only N training examples (a seeded shuffle of the file)
         max_val: use only the first N val examples
+        val_split: val (the shipped file), sentences (sst2: whole sentences held out of train with their own phrases) or heldout-docs (conll2003: the last documents of train.txt); see polymodal.data.splits
+        val_size: sentences or documents held out by --val-split (0 = 872 sentences / 100 documents)
+        bucket: length bucketing: sort each pool of N consecutive batches by length (0 = off; padding is always per batch)
+        layer_decay: layer-wise lr decay d: head lr, top layer lr*d, ..., embeddings lr*d^(L+1) (1 = off)
+        ema: evaluate and export an exponential moving average of the weights with this decay, e.g. 0.999 (0 = off)
+        label_smoothing: label smoothing of the classification / NER cross-entropy (0 = off)
+        sentence_weight: sst2: loss weight of the whole-sentence rows against the phrases (1 = equal)
+        cased: NER: add a learned word-shape (capitalisation) embedding to the token embeddings
+        crf: NER: a linear-chain CRF output layer (trained on -log p(tags), decoded by Viterbi)
         head: sequence classification head: auto (BERT pooler; RoBERTa dense+tanh), pooler, roberta, or mean (mean-pooled tokens)
         seed: random seed (shuffling, head init, dropout)
         device: auto (CUDA when present), cpu, cuda, cuda:N
@@ -72,7 +84,9 @@ def finetune(task: TaskName, model: str | None = None, data: str | None = None, 
 
     t = text_task(task, model=model, data=data, batch_size=batch_size, max_length=max_length, stride=stride,
                   max_train=max_train, max_val=max_val, seed=seed, head=head, lora=lora, lora_r=lora_r,
-                  lora_alpha=lora_alpha, lora_targets=lora_targets)
+                  lora_alpha=lora_alpha, lora_targets=lora_targets, val_split=val_split, val_size=val_size,
+                  bucket=bucket, layer_decay=layer_decay, weight_decay=weight_decay, ema=ema,
+                  label_smoothing=label_smoothing, sentence_weight=sentence_weight, cased=cased, crf=crf)
     main = int(os.environ.get("RANK", "0")) == 0
     info = t.summary()
     if progress and main:
@@ -100,15 +114,17 @@ def _score_export(t, out: Path, device: str, baseline: dict) -> dict:
     return {"val": metrics, "predictions": str(out / "predictions_val.jsonl")}
 
 
-def eval_cmd(task: EvalTaskName, model: str, data: str | None = None, split: str = "val", batch_size: int = 64,
-             max_length: int = 128, stride: int = 128, out: str | None = None, device: str = "auto") -> dict:
+def eval_cmd(task: EvalTaskName, model: str, data: str | None = None, split: str = "val", val_size: int = 0,
+             batch_size: int = 64, max_length: int = 128, stride: int = 128, out: str | None = None,
+             device: str = "auto") -> dict:
     """Evaluate a fine-tuned checkpoint on a task's split and write its predictions.
 
     Args:
         task: a text task (polymodal.data.tasks.TASKS), or retrieval (a dual encoder: R@1/5/10 both ways, mean rank) or image-classification (a train-vit checkpoint)
         model: a fine-tuned checkpoint or run folder (from 'polymodal finetune', or an HF *For* folder)
         data: folder with the task's files (default: $POLYMODAL_DATA/<task folder>); retrieval: a Flickr8k folder or COCO-captions .json
-        split: which split to evaluate (val, train, test)
+        split: which split to evaluate (val, train, test; sst2: sentences, conll2003: heldout-docs, the val splits of finetune --val-split)
+        val_size: sentences or documents of --split sentences / heldout-docs (0 = 872 / 100, as finetune)
         batch_size: examples per forward pass
         max_length: tokens per sequence (QA: per window)
         stride: QA only: tokens shared by consecutive windows
@@ -134,7 +150,7 @@ def eval_cmd(task: EvalTaskName, model: str, data: str | None = None, split: str
         raise ValueError(f"{model}: not a fine-tuned {spec.kind} model (run 'polymodal finetune --task {task}')")
     if tok is None:
         raise ValueError(f"{path}: no tokenizer.json")
-    examples = load_split(spec, split, data)
+    examples = load_split(spec, split, data, val_size)
     feats = encode_split(spec, tok, examples, max_length, stride)
     metrics, records = evaluate(net, spec, examples, feats, pad_id(net.backbone, tok), batch_size)
     dest = write_predictions(Path(out) if out else path / f"predictions_{split}.jsonl", records)

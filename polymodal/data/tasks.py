@@ -226,6 +226,7 @@ class NERExample:
     words: list[str]
     tags: list[int]
     line: int  # line of the first word
+    doc: int = 0  # document index in the file (-DOCSTART- lines separate documents)
 
 
 def read_conll(path: str | Path, labels: Sequence[str] = CONLL_LABELS, n_cols: int = 4) -> list[NERExample]:
@@ -235,16 +236,17 @@ def read_conll(path: str | Path, labels: Sequence[str] = CONLL_LABELS, n_cols: i
     out: list[NERExample] = []
     words: list[str] = []
     tags: list[int] = []
-    first = 0
+    first, doc = 0, -1
     for i, raw in enumerate(read_text(path).split("\n"), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
             if words:
-                out.append(NERExample(words, tags, first))
+                out.append(NERExample(words, tags, first, max(doc, 0)))
             words, tags = [], []
             continue
         cols = line.split()
         if cols[0] == "-DOCSTART-":
+            doc += 1
             continue
         if len(cols) != n_cols:
             raise DataError(f"{path}:{i}: expected {n_cols} space-separated columns (word POS chunk NER), "
@@ -256,7 +258,7 @@ def read_conll(path: str | Path, labels: Sequence[str] = CONLL_LABELS, n_cols: i
         words.append(cols[0])
         tags.append(list(labels).index(cols[-1]))
     if words:
-        out.append(NERExample(words, tags, first))
+        out.append(NERExample(words, tags, first, max(doc, 0)))
     return out
 
 
@@ -310,9 +312,12 @@ def read_squad(path: str | Path) -> list[QAExample]:
     return out
 
 
-def load_split(task: str | TaskSpec, split: str, data_dir: str | Path | None = None) -> list:
-    """Examples of one split of a task, from ``data_dir`` (a folder, or a file) or the data root."""
+def load_split(task: str | TaskSpec, split: str, data_dir: str | Path | None = None, val_size: int = 0) -> list:
+    """Examples of one split of a task, from ``data_dir`` (a folder, or a file) or the data root;
+    ``sentences`` / ``heldout-docs`` are the val splits carved from train (``data.splits``)."""
     spec = get_task(task) if isinstance(task, str) else task
+    if split in ("sentences", "heldout-docs"):
+        return load_train_val(spec, data_dir, split, val_size)[1]
     path = split_file(spec, split, data_dir)
     if spec.fmt == "tsv":
         out = read_tsv(spec, path)
@@ -326,6 +331,17 @@ def load_split(task: str | TaskSpec, split: str, data_dir: str | Path | None = N
         where = f"{path}:1: header only" if spec.fmt == "tsv" and spec.header else f"{path}: empty"
         raise DataError(f"{where}, no examples (the {split} split of {spec.name} needs at least one)")
     return out
+
+
+def load_train_val(spec: TaskSpec, data_dir: str | Path | None = None, val_split: str = "val",
+                   val_size: int = 0) -> tuple[list, list]:
+    """(train, val): the shipped val file, or a val carved from train and removed from it."""
+    from .splits import carve
+
+    train = load_split(spec, "train", data_dir)
+    if val_split == "val":
+        return train, load_split(spec, "val", data_dir)
+    return carve(spec.name, val_split, train, val_size)
 
 
 # ------------------------------------------------------------------------------------- tokenisation
@@ -359,11 +375,38 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> 
     return out
 
 
+# A word's capitalisation class, which an uncased tokenizer (MiniLM, BERT-uncased) throws away and
+# NER needs ("Apple" vs "apple", "US" vs "us"). 0 marks special tokens and padding.
+WORD_SHAPES = ("none", "lower", "Capitalised", "UPPER", "miXed", "digit", "punct")
+
+
+def word_shape(word: str) -> int:
+    """The :data:`WORD_SHAPES` class of a word: any digit -> digit; no letter -> punct; else by its
+    letters: all lower, first upper and the rest lower ("Paris", "I"), all upper ("EU"), mixed."""
+    if any(c.isdigit() for c in word):
+        return 5
+    letters = [c for c in word if c.isalpha()]
+    if not letters:
+        return 6
+    if all(c.islower() for c in letters):
+        return 1
+    if letters[0].isupper() and all(c.islower() for c in letters[1:]):
+        return 2
+    return 3 if all(c.isupper() for c in letters) else 4
+
+
 def encode_ner(tokenizer, examples: Sequence[NERExample], max_length: int = 128) -> list[dict]:
+    """Sub-tokens with each word's label on its first piece and each word's shape on all of its
+    pieces (``shape_ids``, read only by a model built with word shapes)."""
     tok = _backend(tokenizer, max_length)
     encs = tok.encode_batch([e.words for e in examples], is_pretokenized=True, add_special_tokens=True)
-    return [{"input_ids": en.ids, "token_type_ids": en.type_ids, "labels": align_labels(en.word_ids, ex.tags),
-             "word_ids": en.word_ids, "n_words": len(ex.words)} for en, ex in zip(encs, examples)]
+    out = []
+    for en, ex in zip(encs, examples):
+        shapes = [word_shape(w) for w in ex.words]
+        out.append({"input_ids": en.ids, "token_type_ids": en.type_ids, "labels": align_labels(en.word_ids, ex.tags),
+                    "shape_ids": [0 if w is None else shapes[w] for w in en.word_ids],
+                    "word_ids": en.word_ids, "n_words": len(ex.words)})
+    return out
 
 
 def word_predictions(pred_ids: Sequence[int], word_ids: Sequence[int | None], n_words: int,
@@ -447,7 +490,8 @@ def postprocess_qa(examples: Sequence[QAExample], features: Sequence[dict], star
 
 
 def collate(features: Sequence[dict], pad_id: int, keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """Pads input_ids/token_type_ids (and per-token ``labels`` with -100) to the batch's longest row."""
+    """Pads input_ids/token_type_ids (per-token ``labels`` with -100, ``shape_ids`` with 0) to the
+    batch's longest row."""
     n = max(len(f["input_ids"]) for f in features)
     b = len(features)
     ids = torch.full((b, n), pad_id, dtype=torch.long)
@@ -459,6 +503,11 @@ def collate(features: Sequence[dict], pad_id: int, keys: Sequence[str] = ()) -> 
         tt[r, :m] = torch.tensor(f["token_type_ids"])
         mask[r, :m] = 1
     out = {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask}
+    if "shape_ids" in features[0]:  # NER word shapes; padding is class 0 like the special tokens
+        shapes = torch.zeros(b, n, dtype=torch.long)
+        for r, f in enumerate(features):
+            shapes[r, :len(f["shape_ids"])] = torch.tensor(f["shape_ids"])
+        out["shape_ids"] = shapes
     for k in keys:
         if k == "labels":
             lab = torch.full((b, n), -100, dtype=torch.long)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data import tasks as T
-from ..models.task_models import span_loss, task_forward, uses_token_types
+from ..models.task_models import span_loss, task_forward, unwrap, uses_token_types
 from . import metrics as M
 
 
@@ -27,7 +27,8 @@ from . import metrics as M
 def predict(model: nn.Module, kind: str, features: Sequence[dict], pad: int,
             batch_size: int = 64) -> tuple[float, list]:
     """(mean loss, one raw output per feature): logits (sequence tasks), token argmaxes (NER) or
-    (start, end) logits (QA). Batches are taken in length order so each pads little."""
+    (start, end) logits (QA). Batches are taken in length order so each pads little. NER tags
+    come from the head's ``predict_tags`` (argmax, or a CRF's Viterbi path over the words)."""
     device = next(model.parameters()).device
     token_types = uses_token_types(model)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -39,12 +40,16 @@ def predict(model: nn.Module, kind: str, features: Sequence[dict], pad: int,
         batch = {k: v.to(device) for k, v in batch.items()}
         out = task_forward(model, batch, kind, token_types)
         loss_sum += float(span_loss(out, batch) if kind == "qa" else out.loss) * len(idx)
+        if kind == "token_cls":
+            core = unwrap(model)
+            tags = (core.predict_tags(out.logits, batch["labels"] != -100) if hasattr(core, "predict_tags")
+                    else out.logits.argmax(-1))
         for r, i in enumerate(idx):
             m = len(features[i]["input_ids"])
             if kind == "qa":
                 outs[i] = (out.start_logits[r, :m].float().cpu(), out.end_logits[r, :m].float().cpu())
             elif kind == "token_cls":
-                outs[i] = out.logits[r, :m].argmax(-1).tolist()
+                outs[i] = tags[r, :m].tolist()
             else:
                 outs[i] = out.logits[r].float().cpu()
     return loss_sum / max(len(features), 1), outs

@@ -246,6 +246,8 @@ def task_config_to_hf(c: TaskConfig) -> dict[str, Any]:
     base = c.backbone_config()
     if not isinstance(base, EncoderConfig):
         raise TypeError(f"not an encoder backbone: {type(base).__name__}")
+    if getattr(c, "word_shapes", 0) or getattr(c, "crf", False):
+        raise ValueError("a token classifier with word shapes (--cased) or a CRF (--crf) has no Hugging Face class")
     hf = config_to_hf(dataclasses.replace(base, task="base", pooler=True))
     mt = base.variant
     suffix = {t: s for s, t in _HEAD_SUFFIX.items()}[c.task]

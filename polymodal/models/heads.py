@@ -62,6 +62,8 @@ class TaskConfig(ConfigBase):
     labels: tuple = ()  # label names by id (id2label); empty = 0..num_labels-1
     classifier_dropout: float | None = None  # None = the backbone's dropout
     pad_token_id: int | None = None  # decoder heads: which token is padding (None = the backbone's)
+    word_shapes: int = 0  # token_cls: a learned embedding of this many word-shape classes (0 = none)
+    crf: bool = False  # token_cls: a linear-chain CRF over the words' first sub-tokens (nn/crf.py)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -78,6 +80,10 @@ class TaskConfig(ConfigBase):
             raise ValueError(f"{len(self.labels)} label names for num_labels={self.num_labels}")
         if "family" not in self.backbone:
             raise ValueError("TaskConfig.backbone must be a config dict with a 'family' key")
+        if self.word_shapes and (self.task != "token_cls" or self.backbone.get("family") != "encoder"):
+            raise ValueError("word_shapes needs a token_cls head on an encoder backbone")
+        if self.crf and self.task != "token_cls":
+            raise ValueError("crf is a token_cls head")
 
     def backbone_config(self):
         from .registry import config_from_dict
@@ -135,7 +141,8 @@ class TaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_labels: int = 2, problem: str = "classification",
                  head: str = "auto", labels=(), classifier_dropout: float | None = None,
-                 pad_token_id: int | None = None, name: str | None = None):
+                 pad_token_id: int | None = None, name: str | None = None, word_shapes: int = 0,
+                 crf: bool = False):
         super().__init__()
         self.backbone = _base(backbone)
         bc = self.backbone.config
@@ -151,7 +158,8 @@ class TaskModel(nn.Module):
             name=name or f"{getattr(bc, 'name', 'custom')}-{self.task}", task=self.task, backbone=bd,
             num_labels=num_labels, problem=problem, head=self._resolve_head(head), labels=labels,
             classifier_dropout=classifier_dropout,
-            pad_token_id=pad_token_id if pad_token_id is not None else getattr(bc, "pad_token_id", None))
+            pad_token_id=pad_token_id if pad_token_id is not None else getattr(bc, "pad_token_id", None),
+            word_shapes=word_shapes, crf=crf)
         p = self.config.classifier_dropout
         self.drop = nn.Dropout(getattr(bc, "dropout", 0.0) if p is None else p)
         self.build_head()
@@ -229,19 +237,86 @@ class SequenceClassifier(TaskModel):
 
 
 class TokenClassifier(TaskModel):
-    """One label per token (NER); labels of -100 are ignored."""
+    """One label per token (NER); labels of -100 are ignored.
+
+    With ``word_shapes`` > 0 a learned table E_shape (one row per capitalisation class of the word a
+    token belongs to, ``data.tasks.WORD_SHAPES``) is added to the word embeddings before the
+    embedding LayerNorm, as BERT adds its segment table: an uncased backbone then sees "US" and
+    "us" apart in every layer. E_shape starts at zero, so training starts from the pretrained
+    network's exact function.
+
+    With ``crf`` the logits of each word's first sub-token (the positions whose label is not
+    -100) are the emissions of a linear-chain CRF over the words (``nn.crf``): the loss is the
+    sentence's -log p(tags), summed (``crf_nll``), and predictions are the Viterbi path
+    (``predict_tags``), so the tagger can learn that I-PER does not follow B-LOC."""
 
     task = "token_cls"
 
     def build_head(self) -> None:
         self.classifier = nn.Linear(self.n_embd, self.config.num_labels)
+        if self.config.word_shapes:
+            self.shape_embed = nn.Embedding(self.config.word_shapes, self.backbone.embeddings.word.embedding_dim)
+        if self.config.crf:
+            from ..nn.crf import CRF
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> HeadOutput:
-        logits = self.classifier(self.drop(self.hidden(input_ids, attention_mask, token_type_ids)))
+            self.crf = CRF(self.config.num_labels)
+
+    def __init__(self, backbone: nn.Module, **kw):
+        super().__init__(backbone, **kw)
+        if self.config.word_shapes:
+            nn.init.zeros_(self.shape_embed.weight)
+
+    def hidden(self, input_ids, attention_mask=None, token_type_ids=None, shape_ids=None) -> torch.Tensor:
+        if not self.config.word_shapes:
+            return super().hidden(input_ids, attention_mask, token_type_ids)
+        if shape_ids is None:
+            raise ValueError("this model was trained with word shapes: pass shape_ids (data.tasks.encode_ner)")
+        add = self.shape_embed(shape_ids)
+        hook = self.backbone.embeddings.word.register_forward_hook(lambda m, i, out: out + add.to(out.dtype))
+        try:
+            return super().hidden(input_ids, attention_mask, token_type_ids)
+        finally:
+            hook.remove()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, shape_ids=None) -> HeadOutput:
+        logits = self.classifier(self.drop(self.hidden(input_ids, attention_mask, token_type_ids, shape_ids)))
         loss = None
-        if labels is not None:
+        if labels is not None and self.config.crf:  # per labelled word, as the cross-entropy below
+            loss = self.crf_nll(logits, labels) / (labels != -100).sum().clamp(min=1)
+        elif labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
         return HeadOutput(loss, logits)
+
+    def crf_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The CRF's -log p(tags) summed over the batch's sentences; words are the positions
+        whose label is not -100."""
+        em, tags, mask, _ = word_steps(logits.float(), labels != -100, labels)
+        return self.crf.nll(em, tags, mask).sum()
+
+    @torch.no_grad()
+    def predict_tags(self, logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """A tag per position (B, T): the argmax, or with a CRF the Viterbi path of the positions
+        marked in ``first`` (each word's first sub-token), written back at those positions."""
+        pred = logits.argmax(-1)
+        if not self.config.crf:
+            return pred
+        em, _, mask, pos = word_steps(logits.float(), first)
+        for r, path in enumerate(self.crf.decode(em, mask)):
+            pred[r, pos[r, :len(path)]] = torch.tensor(path, dtype=pred.dtype, device=pred.device)
+        return pred
+
+
+def word_steps(logits: torch.Tensor, first: torch.Tensor, labels: torch.Tensor | None = None):
+    """(emissions (B, W, K), tags (B, W) or None, mask (B, W), positions (B, W)): the marked
+    positions of each row moved to the front, in order (W = the most marked in a row)."""
+    b, t, k = logits.shape
+    counts = first.sum(1)
+    w = max(int(counts.max()) if b else 0, 1)
+    pos = torch.sort((~first).to(torch.int8), dim=1, stable=True).indices[:, :w]  # marked first, in order
+    em = logits.gather(1, pos.unsqueeze(-1).expand(b, w, k))
+    mask = torch.arange(w, device=logits.device)[None] < counts[:, None]
+    tags = labels.gather(1, pos).masked_fill(~mask, 0) if labels is not None else None
+    return em, tags, mask, pos
 
 
 def qa_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
@@ -334,6 +409,10 @@ def build_task_model(config: TaskConfig) -> TaskModel:
     kw = dict(problem=config.problem, head=config.head, labels=config.labels,
               classifier_dropout=config.classifier_dropout, pad_token_id=config.pad_token_id, name=config.name)
     cls = task_model_class(config)
+    if config.word_shapes:
+        kw["word_shapes"] = config.word_shapes
+    if config.crf:
+        kw["crf"] = True
     if cls is not QuestionAnswering:
         kw["num_labels"] = config.num_labels
     model = cls(backbone, **kw)

@@ -61,9 +61,12 @@ def max_positions(module: nn.Module) -> int | None:
     return getattr(cfg, "max_tokens", None) or getattr(cfg, "block_size", None)
 
 
-def attach_head(spec, module: nn.Module, tok, head: str = "auto", num_labels: int | None = None) -> TaskModel:
+def attach_head(spec, module: nn.Module, tok, head: str = "auto", num_labels: int | None = None,
+                word_shapes: int = 0, crf: bool = False) -> TaskModel:
     """``module`` with a fresh head for ``spec`` (a ``data.tasks.TaskSpec``); a model already
-    fine-tuned for this kind of task (and label set) is returned as it is, to train further."""
+    fine-tuned for this kind of task (and label set) is returned as it is, to train further.
+    NER only: ``word_shapes``, the size of the word-shape table added to the embeddings; ``crf``,
+    a CRF output layer."""
     labels = tuple(spec.labels)
     if isinstance(module, TaskModel):
         if module.config.task != spec.kind:
@@ -71,12 +74,16 @@ def attach_head(spec, module: nn.Module, tok, head: str = "auto", num_labels: in
         want = num_labels or (1 if spec.problem == "regression" else len(labels))
         if spec.kind == "seq_cls" and module.config.num_labels != want:
             raise ValueError(f"the model has {module.config.num_labels} outputs; task {spec.name} needs {want}")
+        if word_shapes and not getattr(module.config, "word_shapes", 0):
+            raise ValueError("the model was fine-tuned without word shapes; --cased needs a fresh head")
+        if crf and not getattr(module.config, "crf", False):
+            raise ValueError("the model was fine-tuned without a CRF; --crf needs a fresh head")
         return module
     if spec.kind == "seq_cls":
         return for_task("seq_cls", module, num_labels=num_labels or max(len(labels), 1), labels=labels,
                         problem=spec.problem, pad_token_id=pad_id(module, tok), head=head)
     if spec.kind == "token_cls":
-        return for_task("token_cls", module, num_labels=len(labels), labels=labels)
+        return for_task("token_cls", module, num_labels=len(labels), labels=labels, word_shapes=word_shapes, crf=crf)
     return for_task("qa", module)
 
 
@@ -111,7 +118,7 @@ def freeze_unused_pooler(net: TaskModel) -> None:
             p.requires_grad_(False)
 
 
-def _core(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The TaskModel inside a DDP or torch.compile wrapper."""
     for attr in ("_orig_mod", "module"):
         inner = getattr(model, attr, None)
@@ -122,7 +129,7 @@ def _core(model: nn.Module) -> nn.Module:
 
 def uses_token_types(model: nn.Module) -> bool:
     """Whether the backbone reads segment ids (BERT: yes; RoBERTa's single type and decoders: no)."""
-    core = _core(model)
+    core = unwrap(model)
     if isinstance(core, DecoderSequenceClassifier):
         return False
     return getattr(core.backbone.config, "type_vocab_size", 0) > 1
@@ -136,6 +143,9 @@ def task_forward(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, to
     if kind == "qa":
         return model(batch["input_ids"], batch["attention_mask"], tt, start_positions=batch.get("start_positions"),
                      end_positions=batch.get("end_positions"))
+    if kind == "token_cls" and getattr(unwrap(model).config, "word_shapes", 0):
+        return model(batch["input_ids"], batch["attention_mask"], tt, labels=batch.get("labels"),
+                     shape_ids=batch["shape_ids"])
     return model(batch["input_ids"], batch["attention_mask"], tt, labels=batch.get("labels"))
 
 
