@@ -123,6 +123,11 @@ def build_parser(name: str, fn: Callable) -> argparse.ArgumentParser:
         else:
             kw["type"] = str
         parser.add_argument(flag, required=required, **kw)
+    if "resume" in inspect.signature(fn).parameters:  # a training command: recipes as YAML
+        parser.add_argument("--config", metavar="FILE.yaml",
+                            help="read flags from a YAML mapping (flags given on the command line win)")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved flags as YAML and exit (save it as a --config file)")
     return parser
 
 
@@ -191,10 +196,6 @@ def run_command(name: str, argv: list[str]) -> Any:
     parser = build_parser(name, fn)
     trains = "resume" in inspect.signature(fn).parameters
     if trains:
-        parser.add_argument("--config", metavar="FILE.yaml",
-                            help="read flags from a YAML mapping (flags given on the command line win)")
-        parser.add_argument("--print-config", action="store_true",
-                            help="print the resolved flags as YAML and exit (save it as a --config file)")
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config")
         cfg_path = pre.parse_known_args(argv)[0].config

@@ -38,6 +38,12 @@ def test_readme_command_parses(line):
     assert name in cli.COMMANDS, f"README uses unknown command {name!r}"
     module, attr = cli.COMMANDS[name]
     parser = cli.build_parser(name, getattr(importlib.import_module(module), attr))
+    if "--config" in args:  # the flags come from the file, as run_command reads them
+        cfg = cli._load_config(str(README.parent / args[args.index("--config") + 1]), parser)
+        parser.set_defaults(**cfg)
+        for a in parser._actions:
+            if a.dest in cfg:
+                a.required = False
     parser.parse_args(args)  # exits (fails the test) on an unknown flag or a bad value
 
 
