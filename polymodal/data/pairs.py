@@ -20,21 +20,9 @@ from typing import Sequence
 import torch
 
 from .tasks import iter_json_objects
+from .textio import read_lines  # noqa: F401 - re-exported
 
 IGNORE = -100  # label value the cross-entropy skips (padding)
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file; a byte that is not UTF-8 is reported with its file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
 def read_translation(data: str | Path, split: str, src_lang: str = "en", tgt_lang: str = "de") -> list[tuple[str, str]]:

@@ -22,3 +22,12 @@ def read_utf8(path: str | Path) -> str:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (errors as :func:`read_utf8`; a folder or a missing file
+    is a ``FileNotFoundError`` naming it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return read_utf8(path).splitlines()

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal, Sequence
+from ..data.textio import read_lines  # noqa: F401 - re-exported
 
 
 def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -51,19 +51,6 @@ def lead_n(article: str, n: int = 3) -> str:
 def _same_length(hyps: Sequence[str], refs: Sequence[str]) -> None:
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references: they must align line by line")
-
-
-def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 file (a non-UTF-8 byte is reported with its file and line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: file not found")
-    data = p.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{p}:{line}: not valid UTF-8 ({e.reason})") from None
 
 
 def bleu_signature(hypotheses: Sequence[str], references: Sequence[str]) -> str:

@@ -19,7 +19,7 @@ import re
 
 from torch import nn
 
-from .optim import decays, no_weight_decay_names
+from .optim import decays, no_weight_decay_names, trainable_parameters
 
 _BLOCK = re.compile(r"(?:blocks|layers|h)\.(\d+)\.")
 
@@ -58,18 +58,12 @@ def layer_decay_groups(model: nn.Module, decay: float, weight_decay: float) -> l
     n = n_blocks(model)
     listed = no_weight_decay_names(model)
     groups: dict[tuple[int, bool], dict] = {}
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{mname}.{pname}" if mname else pname
-            d, wd = depth(full, n, prefix), decays(full, p, module, listed)
-            g = groups.setdefault((d, wd), {"params": [], "names": [], "weight_decay": weight_decay if wd else 0.0,
-                                            "lr_scale": decay ** (n + 1 - d), "depth": d})
-            g["params"].append(p)
-            g["names"].append(full)
+    for full, p, module in trainable_parameters(model):
+        d, wd = depth(full, n, prefix), decays(full, p, module, listed)
+        g = groups.setdefault((d, wd), {"params": [], "names": [], "weight_decay": weight_decay if wd else 0.0,
+                                        "lr_scale": decay ** (n + 1 - d), "depth": d})
+        g["params"].append(p)
+        g["names"].append(full)
     if not groups:
         raise ValueError("no trainable parameters (everything is frozen)")
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]

@@ -50,6 +50,17 @@ def decays(full_name: str, p: torch.Tensor, module: nn.Module, listed: set[str])
     return not any(k in part for part in full_name.split(".") for k in _POSITION_NAMES)
 
 
+def trainable_parameters(model: nn.Module):
+    """(full name, parameter, owning module) of every trainable parameter, each once (a tied
+    parameter under its first owner, so lm_head tied to wte counts as the embedding)."""
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield (f"{mname}.{pname}" if mname else pname), p, module
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Splits trainable parameters into a decayed group and a non-decayed one (:func:`decays`).
 
@@ -59,19 +70,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     listed = no_weight_decay_names(model)
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{mname}.{pname}" if mname else pname
-            if decays(full, p, module, listed):
-                decay.append(p)
-                decay_names.append(full)
-            else:
-                no_decay.append(p)
-                no_decay_names.append(full)
+    for full, p, module in trainable_parameters(model):
+        if decays(full, p, module, listed):
+            decay.append(p)
+            decay_names.append(full)
+        else:
+            no_decay.append(p)
+            no_decay_names.append(full)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "names": decay_names},
         {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
