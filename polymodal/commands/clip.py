@@ -16,9 +16,10 @@ from typing import Literal, Sequence
 
 
 def train_clip(data: str = "../shared/data/flickr8k", out: str = "runs/train-clip", val_data: str | None = None,
-               image_root: str | None = None, image_tower: Literal["vit", "convnet"] = "vit",
+               image_root: str | None = None, image_tower: str = "vit",
                text_tower: Literal["minilm", "encoder", "clip_text"] = "minilm", lock_text: bool = True,
-               loss: Literal["infonce", "siglip"] = "infonce", image_size: int = 64, width: int = 192,
+               lock_image: bool = True, tune_blocks: int = 0, tower_lr_scale: float = 0.1, image_views: int = 1,
+               loss: Literal["infonce", "siglip"] = "infonce", image_size: int = 0, width: int = 192,
                depth: int = 4, text_width: int = 128, text_depth: int = 2, projection_dim: int = 128,
                epochs: float = 200.0, max_steps: int = 0, minutes: float = 0.0, eval_every: int = 250,
                batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1, warmup: float = 50.0,
@@ -28,6 +29,8 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "runs/train-cli
                progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a CLIP/ALIGN-style dual encoder on image-caption pairs (Flickr8k folder or COCO-captions JSON).
 
+    ALIGN (EfficientNet + BERT-style text tower): --image-tower efficientnet-lite0 (ImageNet weights,
+    LiT-locked: its features are computed once) with the default all-MiniLM-L6-v2 text tower.
     Multi-process: torchrun --nproc-per-node N -m polymodal.cli train-clip ... (each rank embeds
     batch_size / N pairs; the loss uses the negatives of all ranks, so N ranks = one process).
 
@@ -36,11 +39,15 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "runs/train-cli
         out: run folder (model/ = the best val retrieval's model with its tokenizer, metrics.jsonl, checkpoints/)
         val_data: evaluation captions (default: the Flickr8k folder's val split; for JSON: 256 training images)
         image_root: image folder for a COCO JSON (default: beside the JSON or its images/)
-        image_tower: vit or convnet (ALIGN-style)
+        image_tower: vit or convnet (from scratch, sized by --width/--depth), or a pretrained tower: efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 (ImageNet: ALIGN), a ViT/EfficientNet/CLIP checkpoint or train-vit/train-clip run, or a vision preset name (random init)
         text_tower: minilm (all-MiniLM-L6-v2, LiT-locked by default), encoder (small BERT) or clip_text
         lock_text: freeze a pretrained text tower (LiT); only its projection trains
+        lock_image: freeze a pretrained image tower (LiT): its features are computed once; --no-lock-image fine-tunes it
+        tune_blocks: partial fine-tuning: an unlocked pretrained tower trains only its last N blocks and what follows them (0 = all)
+        tower_lr_scale: learning rate of the pretrained towers' trainable weights, as a multiple of --lr
+        image_views: views per image cached from a locked image tower: the centre crop, plus N-1 random crops and flips
         loss: infonce (CLIP) or siglip (sigmoid)
-        image_size: input resolution of the image tower
+        image_size: input resolution (0 = the tower's own: 64 for vit/convnet, 224 for efficientnet-lite0; a conv tower takes any)
         width: image tower width (ViT n_embd / last conv stage)
         depth: image tower depth (ViT blocks / conv stages)
         text_width: width of a text tower trained from scratch
@@ -63,19 +70,26 @@ def train_clip(data: str = "../shared/data/flickr8k", out: str = "runs/train-cli
         distributed: auto (DDP under torchrun), none or ddp
         threads: torch CPU threads (0 = torch's default)
         compile: torch.compile the model
-        progress: show progress bars (image decoding, caption embedding, then training)
+        progress: show progress bars (image decoding, feature caching, then training)
         resume: continue the run in --out from its latest checkpoint
         overwrite: start over in an --out that already holds checkpoints
     """
     flags = dict(locals())
-    from ..train.tasks.contrastive import ContrastiveTask
+    from ..train.tasks.contrastive import ContrastiveTask, feature_device
     from ..train.trainer import run
 
     main = int(os.environ.get("RANK", "0")) == 0
+    if threads:  # the feature caches are computed before the Trainer sets it
+        import torch
+
+        torch.set_num_threads(threads)
     model = dict(image_tower=image_tower, text_tower=text_tower, image_size=image_size, width=width, depth=depth,
-                 text_width=text_width, text_depth=text_depth, projection_dim=projection_dim, lock_text=lock_text)
+                 text_width=text_width, text_depth=text_depth, projection_dim=projection_dim, lock_text=lock_text,
+                 lock_image=lock_image, tune_blocks=tune_blocks)
     task = ContrastiveTask(data, val_data, image_root, model, batch_size, loss, max_images, skip_bad_images, seed,
-                           progress and main, tokenizer=_resumed_tokenizer(out) if resume else None)
+                           progress and main, tokenizer=_resumed_tokenizer(out) if resume else None,
+                           image_views=image_views, tower_lr_scale=tower_lr_scale, weight_decay=weight_decay,
+                           device=feature_device(device))
     s = run(task, flags, beta2=0.98)  # CLIP sec. 2.5: Adam beta2 0.98
     last = s["last"] or {}
     result = {**task.summary(), "steps": s["step"], "stop_reason": s["stop_reason"], "seconds": s["elapsed_s"],

@@ -103,7 +103,7 @@ def linear_probe(model: str, data: str = "../shared/data/cifar10", c_values: lis
     """Linear probe: frozen image-tower features -> logistic regression, C chosen on a held-out part of train.
 
     Args:
-        model: a dual-encoder model or train-clip run (its image tower), or a ViT model or train-vit run (pooled features)
+        model: a dual-encoder model or train-clip run (its image tower), a ViT model or train-vit run, or efficientnet-lite0/1/2 (pooled features)
         data: a labelled image folder (as for train-vit)
         c_values: the inverse regularisation strengths to sweep (default 1e-3 ... 1e3, 13 values)
         holdout: share of each training class used to choose C (then refit on all of train)

@@ -46,21 +46,27 @@ def zero_shot_probs(model, tokenizer, processor, images: Sequence, classnames: S
     return (scale * encode_images(model, processor, images, batch_size) @ w.t()).softmax(dim=-1)
 
 
-def dataset_scores(model, tokenizer, dataset, pixels: torch.Tensor | None = None,
-                   batch_size: int = 64) -> tuple[torch.Tensor, list[int]]:
+def dataset_scores(model, tokenizer, dataset, pixels: torch.Tensor | None = None, batch_size: int = 64,
+                   image_embeds: torch.Tensor | None = None,
+                   text_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """(scores (n_images, n_texts), the image index of each caption) of a ``CaptionDataset``:
-    cosines between every image (eval preprocessing, or ``pixels`` given) and every caption."""
-    img = encode_images(model, dataset.processor, pixels if pixels is not None else dataset.images, batch_size)
+    cosines between every image (eval preprocessing, or ``pixels`` given) and every caption.
+    ``image_embeds`` / ``text_embeds``: normalised embeddings computed beforehand (a locked tower's)."""
+    img = image_embeds if image_embeds is not None else encode_images(
+        model, dataset.processor, pixels if pixels is not None else dataset.images, batch_size)
     texts, owner = dataset.all_texts()
-    return img @ encode_texts(model, tokenizer, texts).t(), owner
+    txt = text_embeds if text_embeds is not None else encode_texts(model, tokenizer, texts)
+    return img @ txt.t(), owner
 
 
-def retrieval_on(model, tokenizer, dataset, pixels: torch.Tensor | None = None) -> dict[str, float]:
+def retrieval_on(model, tokenizer, dataset, pixels: torch.Tensor | None = None,
+                 image_embeds: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None) -> dict[str, float]:
     """R@1/5/10 both ways, mean / median rank, MRR and chance levels on a caption dataset, plus
     ``mean_recall``: the mean of the six recalls (one number to select checkpoints by)."""
     from .retrieval import retrieval_metrics
 
-    m = retrieval_metrics(*dataset_scores(model, tokenizer, dataset, pixels))
+    m = retrieval_metrics(*dataset_scores(model, tokenizer, dataset, pixels, image_embeds=image_embeds,
+                                          text_embeds=text_embeds))
     m["mean_recall"] = sum(m[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)) / 6
     return m
 

@@ -130,16 +130,18 @@ def eval_vision(task: str, model: str, data: str | None = None, split: str = "va
 # ---------------------------------------------------------------------------------------
 def load_image_tower(path: str | Path):
     """(tower with ``encode(pixels) -> (B, D)``, processor, kind) of a dual-encoder checkpoint (its
-    image tower, before the projection) or a ViT checkpoint (pooled features, before the head)."""
+    image tower, before the projection: a CLIP's ViT, an ALIGN's EfficientNet), a ViT checkpoint or an
+    EfficientNet (``efficientnet-lite0``: its pooled features, before the classifier)."""
     from ..interop import resolve_model_path
     from ..models.registry import load_model
 
     model = load_model(resolve_model_path(path))
     if hasattr(model, "encode_image") and hasattr(model, "vision"):
         return model.vision, ImageProcessor.from_config(model.config), "clip-image-tower"
-    if model.config.family == "vit":
-        return model, ImageProcessor.from_config(model.config), "vit"
-    raise ValueError(f"{path}: neither a dual-encoder nor a ViT checkpoint (family {model.config.family!r})")
+    if model.config.family in ("vit", "efficientnet"):
+        return model, ImageProcessor.from_config(model.config), model.config.family
+    raise ValueError(f"{path}: neither a dual-encoder, a ViT nor an EfficientNet checkpoint "
+                     f"(family {model.config.family!r})")
 
 
 @torch.no_grad()

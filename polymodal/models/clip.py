@@ -215,6 +215,9 @@ class CLIPConfig(ConfigBase):
     logit_scale_init: float = 2.6592  # log(1 / 0.07)
     logit_scale_max: float = 4.6052  # log(100): CLIP clips the temperature during training
     logit_bias_init: float | None = None  # set (SigLIP: -10) to learn the sigmoid loss's bias b
+    # the towers' BatchNorm layers keep their running statistics in training (a pretrained tower:
+    # ALIGN's EfficientNet); a frozen tower always runs in eval mode whatever this says
+    frozen_bn: bool = False
 
     def __post_init__(self):
         self.vision = _tower_config(self.vision, "vit")
@@ -266,6 +269,20 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual_projection.weight, std=self.vision.output_dim ** -0.5)
         nn.init.normal_(self.text_projection.weight, std=self.text.output_dim ** -0.5)
 
+    def train(self, mode: bool = True) -> "CLIP":
+        """A frozen part of a tower (a LiT-locked tower, the early blocks of a partially tuned one) is
+        a fixed function, so it stays in eval mode (no dropout, stochastic depth or batch statistics:
+        its cached features stay valid); with ``frozen_bn`` every BatchNorm keeps its statistics."""
+        super().train(mode)
+        if mode:
+            for tower in (self.vision, self.text):
+                _frozen_to_eval(tower)
+                if self.config.frozen_bn:
+                    for m in tower.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
+        return self
+
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image embeddings (B, projection_dim); HF ``get_image_features`` when not normalised."""
         z = self.visual_projection(self.vision.encode(pixel_values))
@@ -283,14 +300,19 @@ class CLIP(nn.Module):
         text_embeds = F.normalize(text_embeds, dim=-1)
         return self.logit_scale.exp() * image_embeds @ text_embeds.t()
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None,
-                return_embeddings: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                return_embeddings: bool = False, image_features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text); with ``return_embeddings`` the projected (not yet
         normalised) (image_embeds, text_embeds) instead, which the contrastive loss gathers across
-        ranks: training calls the model itself, so DDP sees one forward. ``text_features``: the text
-        tower's pooled output computed beforehand (a locked tower's cache); only the projection runs."""
-        img = self.encode_image(pixel_values)
+        ranks: training calls the model itself, so DDP sees one forward. ``text_features`` /
+        ``image_features``: a tower's pooled output computed beforehand (a locked tower's cache);
+        only the projection runs."""
+        if image_features is not None:
+            img = self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
+        else:
+            img = self.encode_image(pixel_values)
         if text_features is not None:
             txt = self.text_projection(text_features.to(self.text_projection.weight.dtype))
         else:
@@ -314,6 +336,16 @@ class CLIP(nn.Module):
     def clamp_logit_scale(self) -> None:
         """CLIP (sec. 2.5) clips the logit scale at 100 so training stays stable; call after each step."""
         self.logit_scale.clamp_(0, self.config.logit_scale_max)
+
+
+def _frozen_to_eval(module: nn.Module) -> None:
+    """Puts every sub-module whose parameters are all frozen into eval mode (the largest such ones)."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        _frozen_to_eval(child)
 
 
 def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:

@@ -282,6 +282,9 @@ class EncoderTower(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config.encoder_config)
+        pooler = getattr(self.encoder, "pooler", None)
+        if pooler is not None:  # BERT's tanh pooler is never read here (mean / [CLS] pooling): its unused
+            pooler.requires_grad_(False)  # gradients would be None, which DDP refuses
         if config.locked:
             self.lock()
 
