@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
 
             minutes = args.clip_minutes if args.clip_minutes is not None else min(20.0, args.minutes)
             print(f"no CLIP checkpoint at {clip}: training one for {minutes} min", flush=True)
-            train_clip(data=args.data, out=str(clip), time_budget=minutes, max_steps=100000, threads=args.threads,
-                       eval_every=0)
+            train_clip(data=args.data, out=str(clip), minutes=minutes, epochs=10_000, threads=args.threads,
+                       eval_every=-1)
         summary = train_vlm(data=args.data, out=str(out), stage=1, vision=str(clip), decoder="smollm2",
                             pixel_shuffle=args.pixel_shuffle, lora=args.lora, batch_size=args.batch_size,
                             lr=args.lr, lora_lr=args.lora_lr, minutes=args.minutes, max_steps=0, epochs=10_000,
