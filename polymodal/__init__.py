@@ -14,4 +14,7 @@ def __getattr__(name):  # heavy entry points load lazily so `import polymodal` s
     if name == "pipeline":
         from .pipelines import pipeline
         return pipeline
+    if name in ("sentence_encoder", "create_model_and_transforms"):
+        from . import api
+        return getattr(api, name)
     raise AttributeError(f"module 'polymodal' has no attribute {name!r}")

@@ -133,3 +133,33 @@ def test_image_to_text_and_vqa_equal_their_commands(tmp_path):
     ans = vqa(str(folder), paths[0], "what color", max_new_tokens=5)
     out = polymodal.pipeline("visual-question-answering", model=str(folder))(paths[0], "what color", max_new_tokens=5)
     assert out[0]["answer"] == ans["answer"]
+
+
+def test_sentence_encoder_equals_sentence_transformers():
+    """``polymodal.sentence_encoder("minilm").encode`` == sentence-transformers on the same weights."""
+    import polymodal
+
+    st = pytest.importorskip("sentence_transformers")
+    from polymodal.interop import resolve_model_path
+
+    sents = ["A dog runs on the grass.", "Two men are playing chess."]
+    ours = polymodal.sentence_encoder("minilm").encode(sents)
+    ref = st.SentenceTransformer(str(resolve_model_path("minilm")), device="cpu").encode(sents, convert_to_tensor=True)
+    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_create_model_and_transforms_equals_the_embedding_helpers(tmp_path):
+    from PIL import Image
+
+    from polymodal.models.dual_encoder import encode_images, encode_texts, load_dual_encoder
+
+    tiny_clip_dir = _tiny_clip_folder(tmp_path)
+    model, preprocess, tokenize = polymodal.create_model_and_transforms(tiny_clip_dir)
+    ids, mask = tokenize(["a dog", "a red bus"])
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    with torch.no_grad():
+        t = model.encode_text(ids, mask, normalize=True)
+        i = model.encode_image(preprocess([img]), normalize=True)
+    m2, tok2, proc2 = load_dual_encoder(tiny_clip_dir)
+    torch.testing.assert_close(t, encode_texts(m2, tok2, ["a dog", "a red bus"]))
+    torch.testing.assert_close(i, encode_images(m2, proc2, [img]))

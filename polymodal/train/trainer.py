@@ -632,7 +632,7 @@ def plot_curve(history: list[dict[str, Any]], path: str | Path, metric: str = "l
     if tr:
         ax.plot(*zip(*tr), label="train loss", lw=1, color="tab:blue")
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("loss" if "loss" in metric else "train loss")
     ax.grid(alpha=0.3)
     if va:
         if "loss" in metric:
